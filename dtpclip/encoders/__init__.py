@@ -1,0 +1,7 @@
+"""Encoder families; importing this package registers every named variant with timm."""
+from dtpclip.encoders import dtp, vit  # noqa: F401  (registration)
+from dtpclip.encoders.dtp import BoundaryPredictor, DTPViT, segment_pool
+from dtpclip.encoders.output import EncoderOutput
+from dtpclip.encoders.vit import PlainViT
+
+__all__ = ["BoundaryPredictor", "DTPViT", "EncoderOutput", "PlainViT", "segment_pool"]

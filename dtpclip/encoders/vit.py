@@ -1,0 +1,63 @@
+"""Plain ViT: timm's VisionTransformer in the CLIP layout, with the encoder contract added.
+
+CLIP-style (pre-norm, LayerNorm eps 1e-5, no patch-embed bias, exact GELU) like timm's
+`vit_*_clip_*` models, so open_clip VisionTransformer weights load through timm's own converter
+and reproduce open_clip's visual output.
+"""
+from functools import partial
+
+import torch.nn as nn
+from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models.vision_transformer import VisionTransformer
+
+from dtpclip.checkpoint import encoder_state_from_clip
+from dtpclip.encoders.output import EncoderOutput
+from dtpclip.registry import CLIP_TAGS, VIT_SIZES, EncoderInfo, register_encoder
+
+# fc_norm=False: the final norm stays on the tokens (open_clip's ln_post) whatever the pooling.
+CLIP_VIT_DEFAULTS = dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5), fc_norm=False, num_classes=0)
+
+
+class PlainViT(VisionTransformer):
+    """The plain ViT every other family is checked against (identity tests)."""
+
+    fresh_parameter_prefixes = ()  # parameters a CLIP checkpoint cannot hold
+
+    def __init__(self, **kwargs):
+        super().__init__(**{**CLIP_VIT_DEFAULTS, "global_pool": "token", **kwargs})
+
+    def encode(self, images) -> EncoderOutput:
+        tokens = self.forward_features(images)
+        return EncoderOutput.dense(tokens, self.forward_head(tokens, pre_logits=True))
+
+
+def default_cfg(size: str) -> dict:
+    """timm pretrained config (data) of a size: input size and CLIP normalisation, no hub weights."""
+    img = VIT_SIZES[size]["img_size"]
+    return dict(
+        url="", num_classes=0, input_size=(3, img, img), pool_size=None, crop_pct=1.0,
+        interpolation="bicubic", fixed_input_size=True, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+        first_conv="patch_embed.proj", classifier="head",
+    )
+
+
+def build_vit_family(model_cls, variant: str, size: str, pretrained: bool = False, **kwargs):
+    """`build_model_with_cfg` for any of our ViT classes at a registry size; kwargs override the size."""
+    return build_model_with_cfg(
+        model_cls, variant, pretrained, pretrained_filter_fn=encoder_state_from_clip,
+        **{**VIT_SIZES[size], **kwargs},
+    )
+
+
+def _register(size: str) -> None:
+    name = f"plain_vit_{size}"
+    register_encoder(
+        lambda pretrained=False, **kwargs: build_vit_family(PlainViT, name, size, pretrained, **kwargs),
+        EncoderInfo(name=name, family="vit", size=size, clip_name=f"PlainViT-{CLIP_TAGS[size]}"),
+    )
+
+
+default_cfgs = generate_default_cfgs({f"plain_vit_{size}": default_cfg(size) for size in VIT_SIZES})
+for _size in VIT_SIZES:
+    _register(_size)

@@ -1,0 +1,71 @@
+"""DTP-ViT's own pieces: segment pooling, the boundary predictor and its loss."""
+import math
+
+import torch
+
+from conftest import tiny
+from dtpclip.encoders import BoundaryPredictor, segment_pool
+
+
+def test_segment_pool_means_segments_and_keeps_trailing_open_segment():
+    tokens = torch.arange(6.0).view(1, 6, 1).repeat(2, 1, 1)
+    boundaries = torch.tensor([[0., 1., 0., 0., 1., 0.],   # [0 1] [2 3 4] [5]  (open trailing segment)
+                               [1., 1., 1., 1., 1., 1.]])  # every token its own segment
+    segments, mask = segment_pool(tokens, boundaries)
+    assert segments.shape == (2, 6, 1)
+    assert mask.tolist() == [[True] * 3 + [False] * 3, [True] * 6]
+    assert segments[0, :3, 0].tolist() == [0.5, 3.0, 5.0]
+    assert segments[1, :, 0].tolist() == [0., 1., 2., 3., 4., 5.]
+    assert (segments[0, 3:] == 0).all()
+
+
+def test_segment_pool_without_trailing_segment_when_last_token_closes():
+    segments, mask = segment_pool(torch.ones(1, 4, 2), torch.tensor([[0., 1., 0., 1.]]))
+    assert mask.tolist() == [[True, True]]
+
+
+def test_gradient_reaches_boundary_predictor(images):
+    model = tiny("dtp_vit_tiny_patch8_64").train()
+    out = model.encode(images)
+    out.pooled.square().sum().backward()  # the task loss alone, without the boundary loss
+    grad = model.boundary_predictor.mlp[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_boundary_loss_is_binomial_nll_per_token():
+    predictor = BoundaryPredictor(4, 8, prior=0.25)
+    boundaries = torch.tensor([[1., 0., 0., 0.], [1., 1., 1., 0.]])
+    # log C(4,k) + k log p + (4-k) log(1-p), k = 1 and 3
+    nll = [-(math.log(math.comb(4, k)) + k * math.log(0.25) + (4 - k) * math.log(0.75)) for k in (1, 3)]
+    assert abs(predictor.loss(boundaries).item() - sum(nll) / 2 / 4) < 1e-5
+
+
+def test_training_samples_boundaries_at_rate_p_and_eval_thresholds():
+    predictor = BoundaryPredictor(4, 8, prior=0.3)
+    x = torch.randn(256, 64, 4)
+    with torch.no_grad():
+        predictor.mlp[-1].weight.zero_()  # p = prior for every token
+        train_ratio = predictor.train()(x).mean().item()
+        eval_out = predictor.eval()(x)
+        predictor.eval_sampling = True
+        sampled_ratio = predictor(x).mean().item()
+    assert abs(train_ratio - 0.3) < 0.02 and abs(sampled_ratio - 0.3) < 0.02
+    assert eval_out.sum() == 0  # p = 0.3 < 0.5 everywhere: deterministic eval puts no boundary
+
+
+def test_boundary_loss_moves_ratio_to_prior(images):
+    """On a toy objective (boundary loss plus a small feature loss) the ratio goes from ~0.9 to the prior."""
+    model = tiny("dtp_vit_tiny_patch8_64", compression=0.25).train()
+    with torch.no_grad():
+        model.boundary_predictor.mlp[-1].bias.fill_(math.log(0.9 / 0.1))
+    start = model.encode(images).stats["boundary_ratio"].item()
+    opt = torch.optim.Adam(model.boundary_predictor.parameters(), lr=3e-3)
+    for _ in range(150):
+        out = model.encode(images)
+        loss = out.aux_loss + 1e-3 * out.pooled.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ratios = [model.encode(images).stats["boundary_ratio"].item() for _ in range(10)]
+    assert start > 0.8
+    assert abs(sum(ratios) / len(ratios) - 0.25) < 0.05
