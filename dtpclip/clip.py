@@ -28,13 +28,22 @@ CLIP_TEXT_TOWERS = {
 }
 
 
+def _text_tower(size: str) -> dict:
+    base = CLIP_TEXT_TOWERS[size]
+    return open_clip.get_model_config(base) if isinstance(base, str) else base
+
+
+def clip_embed_dim(size: str) -> int:
+    """Width of the joint image-text embedding of a size's CLIP."""
+    return _text_tower(size)["embed_dim"]
+
+
 def open_clip_config(encoder_name: str, size: str) -> dict:
     """An open_clip architecture config with `encoder_name` as its timm visual tower.
 
     `timm_pool: ''` keeps the encoder's own pooling (CLS for the plain ViT, masked mean for DTP).
     """
-    base = CLIP_TEXT_TOWERS[size]
-    base = open_clip.get_model_config(base) if isinstance(base, str) else base
+    base = _text_tower(size)
     return {
         "embed_dim": base["embed_dim"],
         "vision_cfg": {"timm_model_name": encoder_name, "timm_model_pretrained": False, "timm_pool": "",

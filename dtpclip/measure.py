@@ -1,0 +1,68 @@
+"""Wall-clock and peak-memory measurement of a step, on GPU or CPU.
+
+GPU: CUDA's own peak allocator statistics. CPU: no allocator statistics exist, so the peak
+resident set is read from Linux's /proc (VmHWM, reset through clear_refs), with glibc told to
+hand large buffers straight back to the OS so that RSS follows what tensors hold.
+"""
+import ctypes
+import gc
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(step: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds of `step` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _proc_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _cpu_peak_bytes(step: Callable[[], object]) -> Optional[int]:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)  # buffers >= 64 KiB are mmapped and unmapped on free
+        gc.collect()
+        libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        base = _proc_kib("VmRSS")
+        step()
+        return (_proc_kib("VmHWM") - base) * 1024
+    except OSError:  # not Linux/glibc: no honest CPU measure
+        return None
+
+
+def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak memory `step` needs above what was held before it (None where it can't be measured)."""
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    return _cpu_peak_bytes(step)

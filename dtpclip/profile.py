@@ -1,0 +1,148 @@
+"""python -m dtpclip.profile: parameters, MACs, peak memory, step time and throughput of an encoder.
+
+What is measured is the visual half of our CLIPs: the registry encoder plus the CLIP projection
+to the joint embedding (`--embed-dim 0` for the bare encoder). MACs are counted per image on a
+real forward (for DTP: with its actual boundaries, whose ratio is reported beside them).
+"""
+import contextlib
+import json
+import sys
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from dtpclip.cli import make_parser, parse_args
+from dtpclip.clip import clip_embed_dim
+from dtpclip.flops import count_macs
+from dtpclip.measure import median_time, peak_memory_bytes
+from dtpclip.registry import create_encoder, encoder_info
+
+
+class VisualTower(nn.Module):
+    """A registry encoder followed by the CLIP projection, as open_clip's timm-tower head applies it."""
+
+    def __init__(self, encoder: nn.Module, embed_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.proj = nn.Linear(encoder.num_features, embed_dim, bias=False) if embed_dim else nn.Identity()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.encoder(images))
+
+    def train_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """A stand-in objective with the encoder's aux loss, so backward covers what training does."""
+        out = self.encoder.encode(images)
+        return self.proj(out.pooled).float().square().mean() + out.aux_loss
+
+
+def build_visual_tower(name: str, checkpoint: Optional[str] = None, embed_dim: Optional[int] = None,
+                       **encoder_kwargs) -> VisualTower:
+    """`embed_dim` None: the CLIP embedding width of the encoder's size."""
+    encoder = create_encoder(name, checkpoint=checkpoint, **encoder_kwargs)
+    if embed_dim is None:
+        embed_dim = clip_embed_dim(encoder_info(name).size)
+    return VisualTower(encoder, embed_dim)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+def _floats(stats: dict) -> dict:
+    return {k: round(float(v), 4) for k, v in stats.items()}
+
+
+def profile_tower(tower: VisualTower, batch_size: int = 8, train: bool = False, device: str = "cpu",
+                  precision: str = "fp32", flops_images: int = 4, warmup: int = 2, repeats: int = 5,
+                  seed: int = 0) -> dict:
+    """Every figure the profiler prints, as a dict (times in ms, memory in MB, MACs in G)."""
+    device = torch.device(device)
+    tower = tower.to(device).eval()
+    size = tower.encoder.patch_embed.img_size
+    images = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(seed)).to(device)
+    autocast = _autocast(device, precision)
+    encoder_params = sum(p.numel() for p in tower.encoder.parameters())
+    result = {
+        "device": device.type, "precision": precision, "batch_size": batch_size, "image_size": list(size),
+        "params_m": sum(p.numel() for p in tower.parameters()) / 1e6, "encoder_params_m": encoder_params / 1e6,
+    }
+
+    def measure_mode(prefix: str) -> None:
+        torch.manual_seed(seed)
+        macs = count_macs(tower, images[:flops_images])
+        torch.manual_seed(seed)
+        with torch.no_grad(), autocast:
+            stats = tower.encoder.encode(images[:flops_images]).stats
+        result.update({f"{prefix}gmacs": macs.total / 1e9,
+                       f"{prefix}gmacs_attention_free": macs.attention_free / 1e9,
+                       f"{prefix}stats": _floats(stats)})
+
+    measure_mode("")
+
+    def forward():
+        with torch.no_grad(), autocast:
+            return tower(images)
+
+    result["forward_ms"] = median_time(forward, device, warmup, repeats) * 1e3
+    result["forward_images_per_s"] = batch_size / result["forward_ms"] * 1e3
+    result["forward_peak_mb"] = _mb(peak_memory_bytes(forward, device))
+    if train:
+        tower.train()
+        measure_mode("train_")
+
+        def train_step():
+            tower.zero_grad(set_to_none=True)
+            with autocast:
+                loss = tower.train_loss(images)
+            loss.backward()
+
+        result["train_step_ms"] = median_time(train_step, device, warmup, repeats) * 1e3
+        result["train_images_per_s"] = batch_size / result["train_step_ms"] * 1e3
+        tower.zero_grad(set_to_none=True)
+        result["train_peak_mb"] = _mb(peak_memory_bytes(train_step, device))
+    return result
+
+
+def _mb(n: Optional[int]) -> Optional[float]:
+    return None if n is None else n / 2**20
+
+
+def format_profile(name: str, result: dict) -> str:
+    lines = [name]
+    for key, value in result.items():
+        if key == "model":
+            continue
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        lines.append(f"  {key:28s} {value}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dtp_vit_base_patch32_224_10x", help="registry encoder name")
+    parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--embed-dim", type=int, default=None,
+                        help="CLIP projection width (default: the size's CLIP; 0 for the bare encoder)")
+    parser.add_argument("--train", action="store_true", help="also time forward+backward and its memory")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--flops-images", type=int, default=4, help="images the MACs are averaged over")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parse_args(parser, argv)
+    kwargs = {"img_size": args.image_size} if args.image_size else {}
+    tower = build_visual_tower(args.model, args.checkpoint, args.embed_dim, **kwargs)
+    result = {"model": args.model, **profile_tower(
+        tower, args.batch_size, args.train, args.device, args.precision, args.flops_images, repeats=args.repeats)}
+    print(json.dumps(result, indent=2) if args.json else format_profile(args.model, result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
