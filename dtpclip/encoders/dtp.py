@@ -13,6 +13,7 @@ import torch.utils.checkpoint
 from torch.distributions import Binomial, RelaxedBernoulli
 
 from dtpclip.encoders.output import EncoderOutput
+from dtpclip.encoders.packing import PackedRows
 from dtpclip.encoders.vit import PlainViT, build_vit_family, default_cfg
 from dtpclip.registry import CLIP_TAGS, VIT_SIZES, EncoderInfo, register_encoder
 from timm.models import generate_default_cfgs
@@ -82,17 +83,21 @@ class DTPViT(PlainViT):
     compression: the boundary prior (0.5, 0.25, 0.1 for 2x, 4x, 10x), the target fraction of
     patches that close a segment. The blocks are the plain ViT's, so plain ViT and CLIP weights
     load unchanged; only the boundary predictor is new.
+    token_packing: run the shortened layers on packed rows of real tokens (see packing.py), so
+    wall-clock and memory follow the pooled token count; False pads every image to the longest
+    (the reference path, kept to check the packed one against).
     """
 
     fresh_parameter_prefixes = ("boundary_predictor.",)
 
     def __init__(self, compression: float = 0.25, pre_layers: int = 2, temperature: float = 0.5,
                  threshold: float = 0.5, eval_sampling: bool = False, predictor_hidden_dim=None,
-                 global_pool: str = "avg", **kwargs):
+                 token_packing: bool = True, global_pool: str = "avg", **kwargs):
         super().__init__(global_pool=global_pool, **kwargs)
         if not 0 < pre_layers < len(self.blocks):
             raise ValueError(f"pre_layers must be in [1, depth - 1] = [1, {len(self.blocks) - 1}], got {pre_layers}")
         self.pre_layers = pre_layers
+        self.token_packing = token_packing
         hidden = predictor_hidden_dim or self.blocks[0].mlp.fc1.out_features
         self.boundary_predictor = BoundaryPredictor(
             self.embed_dim, hidden, compression, temperature, threshold, eval_sampling)
@@ -124,11 +129,23 @@ class DTPViT(PlainViT):
         segments, segment_mask = segment_pool(patches, boundaries)
         x = torch.cat([prefix, segments], dim=1)
         token_mask = torch.cat([segment_mask.new_ones(prefix.shape[:2]), segment_mask], dim=1)
-        attn_mask = token_mask[:, None, None, :]  # keys only: padded queries stay finite
-        for block in self.blocks[self.pre_layers:]:
-            x = self._run_block(block, x, attn_mask)
-        x = self.norm(x) * token_mask.unsqueeze(-1).to(x.dtype)
+        if self.token_packing:
+            x = self._forward_packed(x, token_mask)
+        else:
+            attn_mask = token_mask[:, None, None, :]  # keys only: padded queries stay finite
+            for block in self.blocks[self.pre_layers:]:
+                x = self._run_block(block, x, attn_mask)
+            x = self.norm(x) * token_mask.unsqueeze(-1).to(x.dtype)
         return x, token_mask, boundaries
+
+    def _forward_packed(self, x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Shortened layers + final norm over packed rows about as long as the unpooled sequence."""
+        batch, seq_len = token_mask.shape
+        layout = PackedRows.plan(token_mask.sum(1), seq_len, self.patch_embed.num_patches + self.num_prefix_tokens)
+        rows = layout.pack(x)
+        for block in self.blocks[self.pre_layers:]:
+            rows = self._run_block(block, rows, layout.attn_mask)
+        return layout.unpack(self.norm(rows), batch, seq_len)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_pooled(images)[0]
