@@ -9,7 +9,7 @@ import gc
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -33,6 +33,24 @@ def median_time(step: Callable[[], object], device: torch.device, warmup: int = 
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_median_times(steps: Dict[str, Callable[[], object]], device: torch.device, warmup: int = 1,
+                             repeats: int = 5) -> Dict[str, float]:
+    """Median seconds of each step, timed round-robin: on a shared machine, load that comes and goes
+    hits every step alike instead of whichever happened to run during it."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _proc_kib(field: str) -> int:

@@ -55,54 +55,66 @@ def _floats(stats: dict) -> dict:
     return {k: round(float(v), 4) for k, v in stats.items()}
 
 
+class TowerSteps:
+    """A tower on a fixed batch: the forward and train steps that get timed, and their MACs."""
+
+    def __init__(self, tower: VisualTower, batch_size: int, device: str = "cpu", precision: str = "fp32",
+                 seed: int = 0):
+        self.device = torch.device(device)
+        self.tower = tower.to(self.device)
+        self.seed = seed
+        size = tower.encoder.patch_embed.img_size
+        self.images = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(seed)).to(self.device)
+        self.autocast = _autocast(self.device, precision)
+
+    def forward(self) -> torch.Tensor:
+        """Inference: eval mode, no gradients."""
+        self.tower.eval()
+        with torch.no_grad(), self.autocast:
+            return self.tower(self.images)
+
+    def train_step(self) -> None:
+        """Forward + backward in train mode (no optimizer: its cost does not depend on the tokens)."""
+        self.tower.train()
+        self.tower.zero_grad(set_to_none=True)
+        with self.autocast:
+            loss = self.tower.train_loss(self.images)
+        loss.backward()
+
+    def macs(self, train: bool, images: int = 4) -> dict:
+        """MACs per image (G) and the encoder's stats, in train or eval mode, on the first `images`."""
+        self.tower.train(train)
+        prefix = "train_" if train else ""
+        torch.manual_seed(self.seed)
+        count = count_macs(self.tower, self.images[:images])
+        torch.manual_seed(self.seed)
+        with torch.no_grad(), self.autocast:
+            stats = self.tower.encoder.encode(self.images[:images]).stats
+        return {f"{prefix}gmacs": count.total / 1e9, f"{prefix}gmacs_attention_free": count.attention_free / 1e9,
+                f"{prefix}stats": _floats(stats)}
+
+
 def profile_tower(tower: VisualTower, batch_size: int = 8, train: bool = False, device: str = "cpu",
                   precision: str = "fp32", flops_images: int = 4, warmup: int = 2, repeats: int = 5,
                   seed: int = 0) -> dict:
     """Every figure the profiler prints, as a dict (times in ms, memory in MB, MACs in G)."""
-    device = torch.device(device)
-    tower = tower.to(device).eval()
-    size = tower.encoder.patch_embed.img_size
-    images = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(seed)).to(device)
-    autocast = _autocast(device, precision)
-    encoder_params = sum(p.numel() for p in tower.encoder.parameters())
+    steps = TowerSteps(tower, batch_size, device, precision, seed)
     result = {
-        "device": device.type, "precision": precision, "batch_size": batch_size, "image_size": list(size),
-        "params_m": sum(p.numel() for p in tower.parameters()) / 1e6, "encoder_params_m": encoder_params / 1e6,
+        "device": steps.device.type, "precision": precision, "batch_size": batch_size,
+        "image_size": list(steps.images.shape[-2:]),
+        "params_m": sum(p.numel() for p in tower.parameters()) / 1e6,
+        "encoder_params_m": sum(p.numel() for p in tower.encoder.parameters()) / 1e6,
+        **steps.macs(train=False, images=flops_images),
     }
-
-    def measure_mode(prefix: str) -> None:
-        torch.manual_seed(seed)
-        macs = count_macs(tower, images[:flops_images])
-        torch.manual_seed(seed)
-        with torch.no_grad(), autocast:
-            stats = tower.encoder.encode(images[:flops_images]).stats
-        result.update({f"{prefix}gmacs": macs.total / 1e9,
-                       f"{prefix}gmacs_attention_free": macs.attention_free / 1e9,
-                       f"{prefix}stats": _floats(stats)})
-
-    measure_mode("")
-
-    def forward():
-        with torch.no_grad(), autocast:
-            return tower(images)
-
-    result["forward_ms"] = median_time(forward, device, warmup, repeats) * 1e3
+    result["forward_ms"] = median_time(steps.forward, steps.device, warmup, repeats) * 1e3
     result["forward_images_per_s"] = batch_size / result["forward_ms"] * 1e3
-    result["forward_peak_mb"] = _mb(peak_memory_bytes(forward, device))
+    result["forward_peak_mb"] = _mb(peak_memory_bytes(steps.forward, steps.device))
     if train:
-        tower.train()
-        measure_mode("train_")
-
-        def train_step():
-            tower.zero_grad(set_to_none=True)
-            with autocast:
-                loss = tower.train_loss(images)
-            loss.backward()
-
-        result["train_step_ms"] = median_time(train_step, device, warmup, repeats) * 1e3
+        result.update(steps.macs(train=True, images=flops_images))
+        result["train_step_ms"] = median_time(steps.train_step, steps.device, warmup, repeats) * 1e3
         result["train_images_per_s"] = batch_size / result["train_step_ms"] * 1e3
         tower.zero_grad(set_to_none=True)
-        result["train_peak_mb"] = _mb(peak_memory_bytes(train_step, device))
+        result["train_peak_mb"] = _mb(peak_memory_bytes(steps.train_step, steps.device))
     return result
 
 
