@@ -1,0 +1,76 @@
+"""Boundary and merge-group pictures: PNGs are written, and each method draws something different."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny
+from dtpclip import visualize
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([(80, 64), (64, 96)]):  # not the model's size: the transform crops
+        pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+        pixels[:, : size[0] // 2] = rng.integers(0, 255, 3)  # two flat halves plus noise
+        pixels[:, size[0] // 2:] = rng.integers(0, 255, 3)
+        pixels = np.clip(pixels + rng.integers(0, 40, pixels.shape), 0, 255).astype(np.uint8)
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_segment_ids_are_the_exclusive_cumsum_of_boundaries():
+    boundaries = torch.tensor([[0, 1, 0, 0, 1, 1, 0]])
+    assert visualize.segment_ids(boundaries).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
+
+
+def test_draw_groups_fills_each_group_with_its_mean_colour():
+    image = np.zeros((4, 4, 3))
+    image[:, 2:] = 1.0
+    image[0, 0] = 0.4  # the left group (columns 0-1, 8 pixels) averages 0.4 / 8
+    groups = np.array([[0, 1], [0, 1]])  # 2x2 patch grid, 2x2 pixels per patch
+    out = visualize.draw_groups(image, groups)
+    assert out.shape == image.shape
+    assert np.allclose(out[:, 0], 0.4 / 8) and np.allclose(out[:, 3], 1.0)  # group interiors: mean colour
+    assert not np.allclose(out[:, 1], 0.4 / 8) and not np.allclose(out[:, 2], 1.0)  # the border: outlines
+
+
+def test_each_method_writes_a_different_png(image_files, tmp_path):
+    dtp = tiny("dtp_vit_tiny_patch8_64")
+    with torch.no_grad():
+        dtp.boundary_predictor.mlp[-1].bias.fill_(0.0)  # about half the patches close a segment
+    written = {"dtp": visualize.render(dtp, image_files, tmp_path / "out", display_size=128)}
+    for method in ("tome", "lgtm"):
+        written[method] = visualize.render(tiny(), image_files, tmp_path / "out", method=method, r=8,
+                                           dense_layers=1, local_layers=2, display_size=128)
+    pictures = {}
+    for method, paths in written.items():
+        assert [p.name for p in paths] == [f"img0_{method}.png", f"img1_{method}.png"]
+        assert all(p.is_file() for p in paths)
+        pictures[method] = np.asarray(Image.open(paths[0]).convert("RGB"), dtype=np.int32)
+    assert pictures["dtp"].shape == (128, 3 * 128, 3)  # image | segments | boundary mask
+    assert pictures["tome"].shape == pictures["lgtm"].shape == (128, 2 * 128, 3)  # image | merge groups
+    assert np.abs(pictures["tome"] - pictures["lgtm"]).sum() > 0
+    assert np.abs(pictures["dtp"][:, :256] - pictures["tome"]).sum() > 0
+    assert np.array_equal(pictures["tome"][:, :128], pictures["lgtm"][:, :128])  # the same input panel
+
+
+def test_cli_takes_flags_and_a_config_file(image_files, tmp_path):
+    config = tmp_path / "vis.yaml"
+    config.write_text("method: lgtm\nr: 4\ndense-layers: 1\n")
+    written = visualize.main(["--config", str(config), "--model", "plain_vit_tiny_patch8_64",
+                              "--images", *image_files, "--out", str(tmp_path / "cli"), "--display-size", "64"])
+    assert [p.name for p in written] == ["img0_lgtm.png", "img1_lgtm.png"] and all(p.is_file() for p in written)
+
+
+def test_bad_inputs_are_clear_errors(image_files, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.png' does not exist"):
+        visualize.render(tiny(), ["nope.png"], tmp_path)
+    with pytest.raises(TypeError, match="DTP-ViT"):
+        visualize.render(tiny(), image_files, tmp_path, method="dtp")
+    with pytest.raises(TypeError, match="does not apply to DTP-ViT"):
+        visualize.render(tiny("dtp_vit_tiny_patch8_64"), image_files, tmp_path, method="tome")
