@@ -1,5 +1,7 @@
 """Shared command-line plumbing: argparse with a YAML/JSON `--config` whose keys are the flags."""
 import argparse
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,3 +32,26 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
             parser.error(f"config file {str(path)!r} has unknown key(s) {unknown}; expected some of {sorted(dests)}")
         parser.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def _converter(annotation):
+    """argparse type for a dataclass field: Optional[X] also takes 'none'."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if not args:
+        return annotation
+    return lambda text: None if text.lower() in ("none", "null") else args[0](text)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One flag per field of `config_cls` (--field-name), with its default and metadata help."""
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=_converter(f.type), default=f.default, choices=choices, help=help_text)
+
+
+def dataclass_from_args(config_cls, args: argparse.Namespace):
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})

@@ -19,8 +19,8 @@ from dtpclip.registry import VIT_SIZES, list_encoders
 # The text tower and joint embedding each size's CLIP uses: open_clip's own architecture of that
 # size, or (the 64x64 demo size, which open_clip lacks) a small one of ours.
 CLIP_TEXT_TOWERS = {
-    "tiny_patch8_64": {"embed_dim": 256, "text_cfg": {
-        "context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4}},
+    "tiny_patch8_64": {"embed_dim": 128, "text_cfg": {
+        "context_length": 24, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}},
     "small_patch16_224": "ViT-S-16",
     "base_patch32_224": "ViT-B-32",
     "base_patch16_224": "ViT-B-16",

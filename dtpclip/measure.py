@@ -74,6 +74,14 @@ def _cpu_peak_bytes(step: Callable[[], object]) -> Optional[int]:
         return None
 
 
+def peak_resident_bytes() -> Optional[int]:
+    """This process's peak resident set so far (Linux), for logs on CPU runs."""
+    try:
+        return _proc_kib("VmHWM") * 1024
+    except OSError:
+        return None
+
+
 def peak_memory_bytes(step: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak memory `step` needs above what was held before it (None where it can't be measured)."""
     if device.type == "cuda":

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from dtpclip.cli import make_parser, parse_args
 from dtpclip.clip import clip_embed_dim
+from dtpclip.encoders.merge import apply_lgtm, apply_tome
 from dtpclip.flops import count_macs
 from dtpclip.measure import median_time, peak_memory_bytes
 from dtpclip.registry import create_encoder, encoder_info
@@ -147,13 +148,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--flops-images", type=int, default=4, help="images the MACs are averaged over")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--tome-r", type=int, nargs="+", default=None,
+                        help="ToMe r sweep: profile the encoder patched at each r (plain ViTs only)")
+    parser.add_argument("--lgtm", action="store_true", help="with --tome-r: DFE + LGTM instead of ToMe")
+    parser.add_argument("--dense-layers", type=int, default=2, help="LGTM: blocks kept dense")
+    parser.add_argument("--local-layers", type=int, default=2, help="LGTM: blocks merging inside 2x2 windows")
     args = parse_args(parser, argv)
     kwargs = {"img_size": args.image_size} if args.image_size else {}
     tower = build_visual_tower(args.model, args.checkpoint, args.embed_dim, **kwargs)
-    result = {"model": args.model, **profile_tower(
-        tower, args.batch_size, args.train, args.device, args.precision, args.flops_images, repeats=args.repeats)}
-    print(json.dumps(result, indent=2) if args.json else format_profile(args.model, result))
-    return result
+    results = []
+    for r in args.tome_r or [None]:
+        label = args.model
+        if r is not None:
+            if args.lgtm:
+                apply_lgtm(tower.encoder, r, args.dense_layers, args.local_layers)
+            else:
+                apply_tome(tower.encoder, r)
+            label = f"{args.model} {'lgtm' if args.lgtm else 'tome'} r={r}"
+        result = {"model": label, **profile_tower(
+            tower, args.batch_size, args.train, args.device, args.precision, args.flops_images, repeats=args.repeats)}
+        print(json.dumps(result, indent=2) if args.json else format_profile(label, result))
+        results.append(result)
+    return results[0] if len(results) == 1 else results
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from timm.models import register_model
 # `tiny_patch8_64` is ours (64x64 images) for tests and the built-in demo; the others are the
 # CLIP towers of open_clip's ViT-S-16, ViT-B-32, ViT-B-16 and ViT-L-14.
 VIT_SIZES: Dict[str, dict] = {
-    "tiny_patch8_64": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3),
+    "tiny_patch8_64": dict(img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4),
     "small_patch16_224": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "base_patch32_224": dict(img_size=224, patch_size=32, embed_dim=768, depth=12, num_heads=12),
     "base_patch16_224": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),

@@ -1,9 +1,16 @@
 """Shared test helpers: tiny encoders built from registry configs, seeded."""
+import os
+
 import pytest
 import timm
 import torch
 
 import dtpclip  # noqa: F401  (registers the encoders)
+
+# Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP's spinning
+# threads make them 50x slower; subprocesses inherit the variable.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # A very small ViT at the demo size: fast on CPU, same code paths as the large ones.
 TINY = dict(embed_dim=32, depth=4, num_heads=2)
@@ -17,3 +24,17 @@ def tiny(name: str = "plain_vit_tiny_patch8_64", seed: int = 0, **kwargs):
 @pytest.fixture
 def images():
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def micro_clip_name():
+    from micro_clip import register_micro_clip
+    return register_micro_clip()
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """The demo data generator at a few hundred samples: real shards, eval set, LLaVA json."""
+    from dtpclip.demo_data import DemoConfig, ensure_demo_data
+    return ensure_demo_data(tmp_path_factory.mktemp("demo"),
+                            DemoConfig(num_train=192, num_eval=60, shard_size=48))

@@ -86,7 +86,7 @@ def test_open_clip_builds_our_names_with_encode_reaching_aux_loss():
     assert images.shape == (2, 3, 64, 64)
     model.train()
     features, out = encode_image(model, images)
-    assert features.shape == (2, 256) and out.aux_loss > 0 and "boundary_ratio" in out.stats
+    assert features.shape == (2, 128) and out.aux_loss > 0 and "boundary_ratio" in out.stats
 
 
 def test_lock_image_tower_and_grad_checkpointing():

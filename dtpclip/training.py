@@ -1,0 +1,306 @@
+"""The CLIP training loop that launch/clip_pretrain.py drives (accelerate underneath).
+
+Any registry encoder is the visual tower (through the open_clip bridge); the loss is open_clip's
+ClipLoss gathered across ranks with gradients (local loss) plus the encoder's `aux_loss`.
+Checkpoints are resumable exactly (see checkpointing.py): on CPU with a fixed seed the losses
+after a resume equal those of an uninterrupted run.
+"""
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from dtpclip import checkpointing
+from dtpclip.clip import create_clip_and_transforms, encode_image
+from dtpclip.data import make_train_loader
+from dtpclip.evaluate import default_demo_run_dir
+from dtpclip.measure import peak_resident_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a CLIP run; the launcher's flags and --config keys are these names."""
+
+    model: str = _f("DTP-ViT-Ti-8-64-4x", "open_clip model name (ours: PlainViT-*, DTP-ViT-*)")
+    pretrained: Optional[str] = _f(None, "initialise from an open_clip CLIP checkpoint on disk")
+    train_data: Optional[str] = _f(None, "webdataset shard spec; default: the built-in demo shards")
+    eval_data: Optional[str] = _f(None, "zero-shot eval set at each epoch end; default with the demo: its eval set")
+    samples_per_epoch: Optional[int] = _f(None, "samples an epoch (default: counted from the shards)")
+    resampled: bool = _f(False, "draw shards with replacement (open_clip's --dataset-resampled)")
+    epochs: int = _f(6, "epochs")
+    batch_size: int = _f(256, "per-process batch size")
+    lr: float = _f(2e-3, "peak learning rate")
+    warmup_steps: int = _f(50, "linear warm-up optimizer steps, then cosine to 0")
+    weight_decay: float = _f(0.1, "AdamW weight decay (not on norms, biases, embeddings, logit_scale)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.98, "AdamW beta2")
+    eps: float = _f(1e-6, "AdamW eps")
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step (each its own contrastive batch)")
+    grad_clip: Optional[float] = _f(1.0, "clip the gradient norm to this (none: no clipping)")
+    precision: str = _f("auto", "fp32, bf16 or auto (bf16 where supported on GPU, fp32 on CPU)",
+                        choices=("auto", "fp32", "bf16"))
+    aux_loss_weight: float = _f(1.0, "weight of the encoder's aux loss (DTP: boundary loss)")
+    grad_checkpointing: bool = _f(False, "recompute activations in backward")
+    compile: bool = _f(False, "torch.compile the model")
+    lock_image: bool = _f(False, "freeze the visual tower")
+    lock_text: bool = _f(False, "freeze the text tower")
+    workers: int = _f(2, "data loader workers per process")
+    seed: int = _f(0, "seed of model init, data order and boundary sampling")
+    run_dir: Optional[str] = _f(None, "checkpoints, metrics.jsonl and tensorboard logs go here "
+                                      "(default: ~/.cache/dtpclip/runs/demo, or $DTPCLIP_RUNS_DIR/demo)")
+    save_every: int = _f(100, "checkpoint every N optimizer steps (and at every epoch end)")
+    resume: Optional[str] = _f("auto", "auto (latest in run_dir, if any), a checkpoint path, or none")
+    log_every: int = _f(10, "log metrics every N optimizer steps")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (for smoke tests)")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """AdamW groups: decay on weight matrices only; norms, biases, embeddings and logit_scale excluded
+    by rule here (open_clip's own default depends on the model name containing 'vit')."""
+    no_decay_names = ("logit_scale", "logit_bias", "positional_embedding", "token_embedding", "pos_embed",
+                      "cls_token", "class_embedding")
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or any(n in name for n in no_decay_names) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ContrastiveModel(nn.Module):
+    """The CLIP with one forward returning what the loss needs, so DDP wraps a single forward."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor):
+        image_features, out = encode_image(self.clip, images)
+        text_features = self.clip.encode_text(texts)
+        return (F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
+                self.clip.logit_scale.exp(), out.aux_loss, out.stats)
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.precision != "auto":
+        return "no" if cfg.precision == "fp32" else cfg.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+class MetricsWriter:
+    """metrics.jsonl (one json object per record) and tensorboard, on the main process."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(run_dir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                self.tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def _demo_defaults(cfg: TrainConfig) -> TrainConfig:
+    """No data given: the built-in demo shards (generated on first use) and their eval set."""
+    if cfg.train_data is not None:
+        return cfg
+    from dtpclip.demo_data import ensure_demo_data
+    paths = ensure_demo_data()
+    return dataclasses.replace(cfg, train_data=paths.train_shards, eval_data=cfg.eval_data or str(paths.eval_dir))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a CLIP training run; returns the last metrics."""
+    accelerator = Accelerator(mixed_precision=_precision(cfg), gradient_accumulation_steps=cfg.grad_accum_steps)
+    cfg = _demo_defaults(cfg)  # generation holds a file lock: other ranks wait, then reuse it
+    set_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_demo_run_dir()
+    clip, preprocess_train, preprocess_val = create_clip_and_transforms(cfg.model, pretrained=cfg.pretrained)
+    if cfg.lock_image:
+        clip.lock_image_tower()
+    if cfg.lock_text:
+        clip.lock_text_tower()
+    if cfg.grad_checkpointing:
+        clip.set_grad_checkpointing(True)
+    tokenizer = open_clip.get_tokenizer(cfg.model)
+    loader = make_train_loader(
+        cfg.train_data, preprocess_train, tokenizer, cfg.batch_size, num_workers=cfg.workers,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, resampled=cfg.resampled,
+        samples_per_epoch=cfg.samples_per_epoch, seed=cfg.seed)
+    steps_per_epoch = loader.num_batches // cfg.grad_accum_steps
+    total_steps = steps_per_epoch * cfg.epochs
+    model = ContrastiveModel(clip)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    resume_from = checkpointing.resolve_resume(cfg.resume, run_dir)
+    if resume_from is not None:
+        state = checkpointing.read_checkpoint(resume_from, accelerator.process_index)
+        clip.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["trainer"]["optimizer"])
+        scheduler.load_state_dict(state["trainer"]["scheduler"])
+        step, epoch, batch_in_epoch = (state["trainer"][k] for k in ("step", "epoch", "batch_in_epoch"))
+        checkpointing.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch_in_epoch)
+    if cfg.compile:
+        model = torch.compile(model)
+    # Not the loader (it splits by rank itself) and not the scheduler (accelerate would step it once
+    # per process; ours counts this process's optimizer steps).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    metrics = MetricsWriter(run_dir, accelerator.is_main_process)
+    evaluator = _zero_shot_evaluator(cfg, clip, preprocess_val, tokenizer, accelerator)
+    config_record = {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes}
+
+    def save() -> None:
+        checkpointing.write_rank_part(run_dir, step, accelerator.process_index)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            checkpointing.write_main_part(run_dir, step, clip.state_dict(), trainer_state, config_record)
+            checkpointing.publish(run_dir, step)
+        accelerator.wait_for_everyone()
+
+    last = {}
+    while epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps):
+        loader.set_epoch(epoch, skip_batches=batch_in_epoch * cfg.grad_accum_steps)
+        model.train()
+        bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}",
+                   disable=not accelerator.is_main_process, dynamic_ncols=True)
+        window = _Window()
+        end = time.perf_counter()
+        for micro, (images, texts) in enumerate(loader):
+            images, texts = images.to(accelerator.device), texts.to(accelerator.device)
+            window.data_time += time.perf_counter() - end
+            with accelerator.accumulate(model):
+                contrastive, aux_loss, stats = contrastive_step(model, loss_fn, images, texts, cfg, accelerator)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.add(contrastive, aux_loss, stats, images.shape[0])
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            with torch.no_grad():  # open_clip's clamp: logit scale at most 100
+                clip.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            batch_in_epoch += 1
+            if step % cfg.log_every == 0 or batch_in_epoch == steps_per_epoch:
+                last = window.record(step, epoch, scheduler.get_last_lr()[0], accelerator)
+                metrics.write(last)
+                bar.set_postfix(loss=f"{last['contrastive_loss']:.3f}")
+                window = _Window()
+            bar.update(1)
+            if step % cfg.save_every == 0 and batch_in_epoch < steps_per_epoch:
+                save()
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+            end = time.perf_counter()
+        bar.close()
+        if batch_in_epoch == steps_per_epoch:
+            epoch, batch_in_epoch = epoch + 1, 0
+            if evaluator is not None:
+                result = evaluator()
+                if result is not None:
+                    metrics.write({"kind": "eval", "step": step, "epoch": epoch, **result})
+                    last = {**last, **{f"zeroshot_{k}": v for k, v in result.items()}}
+                    if accelerator.is_main_process:
+                        log.info("epoch %d zero-shot: %s", epoch, result)
+        save()
+    metrics.close()
+    accelerator.end_training()
+    return last
+
+
+def contrastive_step(model, loss_fn, images, texts, cfg: TrainConfig, accelerator):
+    """Forward, loss and backward of one micro-batch (gradient clipping on the syncing one)."""
+    image_features, text_features, logit_scale, aux_loss, stats = model(images, texts)
+    contrastive = loss_fn(image_features, text_features, logit_scale)
+    accelerator.backward(contrastive + cfg.aux_loss_weight * aux_loss)
+    if accelerator.sync_gradients and cfg.grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    return contrastive, aux_loss, stats
+
+
+class _Window:
+    """Sums over the steps between two log records; reads tensors (one host sync) only when logging."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.data_time, self.samples, self.micro = 0.0, 0, 0
+        self.contrastive = self.aux = 0.0
+        self.stats = {}
+
+    def add(self, contrastive, aux, stats, batch: int) -> None:
+        self.contrastive = self.contrastive + contrastive.detach()
+        self.aux = self.aux + aux.detach()
+        for k, v in stats.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v.detach()
+        self.samples += batch
+        self.micro += 1
+
+    def record(self, step: int, epoch: int, lr: float, accelerator) -> dict:
+        elapsed = time.perf_counter() - self.start
+        n = max(self.micro, 1)
+        losses = {"contrastive_loss": self.contrastive, "boundary_loss": self.aux, **self.stats}
+        losses = {k: float(accelerator.reduce(torch.as_tensor(v, device=accelerator.device) / n, "mean"))
+                  for k, v in losses.items()}  # averaged over ranks: the global batch's figures
+        record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr, **losses,
+                  "data_time": self.data_time / n, "batch_time": elapsed / n,
+                  "samples_per_s": self.samples * accelerator.num_processes / max(elapsed, 1e-9)}
+        peak = (torch.cuda.max_memory_allocated() if accelerator.device.type == "cuda" else peak_resident_bytes())
+        if peak is not None:
+            record["peak_memory_mb"] = peak / 2**20
+        return record
+
+
+def _zero_shot_evaluator(cfg, clip, preprocess_val, tokenizer, accelerator):
+    """Epoch-end zero-shot on the main process (the others wait); None without eval data."""
+    if not cfg.eval_data:
+        return None
+    from dtpclip.zeroshot import run_zero_shot
+
+    def run():
+        result = None
+        if accelerator.is_main_process:
+            result = run_zero_shot(clip, tokenizer, cfg.eval_data, preprocess_val, device=accelerator.device)
+            result = {k: v for k, v in result.items() if k in ("top1", "top5", "mean_per_class_recall", "seconds")}
+        accelerator.wait_for_everyone()
+        return result
+
+    return run
