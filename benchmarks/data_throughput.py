@@ -85,20 +85,21 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--batches", type=int, default=40, help="timed batches per run")
     parser.add_argument("--warmup", type=int, default=4, help="untimed batches per run")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per pipeline (median kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per pipeline (median kept)")
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
     args = parser.parse_args(argv)
 
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     with tempfile.TemporaryDirectory() as tmp:
         needed = (args.batches + args.warmup) * args.batch_size
+        demo = ensure_demo_data(Path(tmp) / "demo", DemoConfig(num_train=4000, num_eval=10))
         scenarios = {
-            "laion 256px -> 224": (laion_like_shards(Path(tmp), 4, needed // args.workers // 2 + 1), 224),
-            "demo 64px -> 64": (ensure_demo_data(Path(tmp) / "demo", DemoConfig(num_train=4000, num_eval=10)).train_shards, 64),
+            "laion 256px -> 224": (laion_like_shards(Path(tmp), 4, needed // 4 + 1), 224),
+            "demo 64px -> 64": (demo.train_shards, 64),
         }
         print(f"batch {args.batch_size}, {args.workers} workers, {args.batches} timed batches, "
               f"shuffle buffer {args.shuffle_buffer}, torch threads {torch.get_num_threads()}")
-        print(f"{'scenario':<20} {'dtpclip.data':>14} {'plain wds':>12} {'ratio':>7}")
+        print(f"{'scenario':<20} {'dtpclip.data':>14} {'plain wds':>12} {'ratio':>7}   range of runs (ours, plain)")
         for name, (spec, size) in scenarios.items():
             preprocess = open_clip.image_transform(size, is_train=True)
             runs = {"ours": [], "plain": []}
@@ -107,10 +108,13 @@ def main(argv=None):
                                          resampled=True, samples_per_epoch=needed * 2,
                                          shuffle_buffer=args.shuffle_buffer)
                 runs["ours"].append(samples_per_second(ours, args.batches, args.warmup))
-                plain = plain_webdataset(spec, preprocess, tokenizer, args.batch_size, args.workers, args.shuffle_buffer)
+                plain = plain_webdataset(spec, preprocess, tokenizer, args.batch_size, args.workers,
+                                         args.shuffle_buffer)
                 runs["plain"].append(samples_per_second(plain, args.batches, args.warmup))
             ours_rate, plain_rate = statistics.median(runs["ours"]), statistics.median(runs["plain"])
-            print(f"{name:<20} {ours_rate:>10.0f} /s {plain_rate:>8.0f} /s {ours_rate / plain_rate:>7.2f}")
+            spread = "  ".join(f"{min(r):.0f}-{max(r):.0f}" for r in runs.values())
+            ratio = ours_rate / plain_rate
+            print(f"{name:<20} {ours_rate:>10.0f} /s {plain_rate:>8.0f} /s {ratio:>7.2f}   {spread}")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def test_laion_parquet_to_shards_round_trip(tmp_path):
         assert s.meta["similarity"] == rows["similarity"][i] and s.meta["LICENSE"] == "?"
 
     assert count_samples(expand_shards(out)) == 6  # from img2dataset's stats files
-    loader = make_train_loader(out, lambda im: torch.zeros(1), lambda caps: torch.tensor([int(c[-1]) for c in caps]),
-                               2, num_workers=0, shuffle_buffer=0)
+    def ids(captions):
+        return torch.tensor([int(c[-1]) for c in captions])
+
+    loader = make_train_loader(out, lambda image: torch.zeros(1), ids, 2, num_workers=0, shuffle_buffer=0)
     assert len(loader) == 3
     assert sorted(i for _, batch in loader for i in batch.tolist()) == list(range(6))
