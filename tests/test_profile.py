@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import timm
 import torch
 
 from conftest import TINY, tiny

@@ -35,23 +35,23 @@ def make_wds(root, labels, classnames=CLASSNAMES):
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """The demo-size CLIP with random weights, saved as a checkpoint file."""
+def saved_clip(tmp_path_factory, name: str, filename: str):
+    """A demo-size CLIP with random weights, saved as a checkpoint file."""
     torch.manual_seed(0)
-    model = open_clip.create_model("PlainViT-Ti-8-64").eval()
-    path = tmp_path_factory.mktemp("ckpt") / "clip.safetensors"
+    model = open_clip.create_model(name).eval()
+    path = tmp_path_factory.mktemp("ckpt") / filename
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model, path
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return saved_clip(tmp_path_factory, "PlainViT-Ti-8-64", "clip.safetensors")
 
 
 @pytest.fixture(scope="module")
 def dtp_clip(tmp_path_factory):
-    torch.manual_seed(0)
-    model = open_clip.create_model("DTP-ViT-Ti-8-64-4x").eval()
-    path = tmp_path_factory.mktemp("ckpt") / "dtp.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return model, path
+    return saved_clip(tmp_path_factory, "DTP-ViT-Ti-8-64-4x", "dtp.safetensors")
 
 
 @pytest.fixture(scope="module")
