@@ -7,17 +7,23 @@ real forward (for DTP: with its actual boundaries, whose ratio is reported besid
 import contextlib
 import json
 import sys
-from typing import Optional
+from typing import List, Optional
+
+import open_clip
 
 import torch
 import torch.nn as nn
 
 from dtpclip.cli import make_parser, parse_args
-from dtpclip.clip import clip_embed_dim
+from dtpclip.clip import CLIP_TEXT_TOWERS, clip_embed_dim
 from dtpclip.encoders.merge import apply_lgtm, apply_tome
 from dtpclip.flops import count_macs
 from dtpclip.measure import median_time, peak_memory_bytes
+from dtpclip.pareto import accuracy_point, merging_sweep, write_pareto
 from dtpclip.registry import create_encoder, encoder_info
+
+
+DEFAULT_MODEL = "dtp_vit_base_patch32_224_10x"
 
 
 class VisualTower(nn.Module):
@@ -41,8 +47,9 @@ def build_visual_tower(name: str, checkpoint: Optional[str] = None, embed_dim: O
                        **encoder_kwargs) -> VisualTower:
     """`embed_dim` None: the CLIP embedding width of the encoder's size."""
     encoder = create_encoder(name, checkpoint=checkpoint, **encoder_kwargs)
-    if embed_dim is None:
-        embed_dim = clip_embed_dim(encoder_info(name).size)
+    if embed_dim is None:  # encoders without a CLIP (e.g. ViT-Lite) are profiled bare
+        size = encoder_info(name).size
+        embed_dim = clip_embed_dim(size) if size in CLIP_TEXT_TOWERS else 0
     return VisualTower(encoder, embed_dim)
 
 
@@ -134,10 +141,40 @@ def format_profile(name: str, result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def pareto_main(args) -> List[dict]:
+    """The --pareto job: load each CLIP, sweep merging on the plain one, write json + png."""
+    from dtpclip.clip import create_clip_and_transforms
+    from dtpclip.evaluate import demo_eval_dir, model_name, resolve_checkpoint
+    from dtpclip.evalsets import load_eval_set
+
+    if args.checkpoint is None:
+        raise ValueError("--pareto needs --checkpoint: a plain-ViT CLIP checkpoint to sweep merging on")
+    data = args.eval_data or demo_eval_dir()
+    eval_sets, points = {}, []
+    for i, checkpoint in enumerate([args.checkpoint, *args.points]):
+        weights, saved = resolve_checkpoint(checkpoint)
+        name = model_name(args.model if i == 0 else None, saved, checkpoint)
+        clip, _, preprocess = create_clip_and_transforms(name, pretrained=str(weights), device=args.device)
+        tokenizer = open_clip.get_tokenizer(name)
+        eval_set = eval_sets.setdefault(name, load_eval_set(data, preprocess))
+        new = [accuracy_point(clip, tokenizer, eval_set, name, "trained", device=args.device)]
+        if i == 0 and args.tome_r:
+            new += merging_sweep(clip, tokenizer, eval_set, args.tome_r, dense_layers=args.dense_layers,
+                                 local_layers=args.local_layers, label=name, device=args.device)
+        for p in new:
+            print(f"{p['label']:40s} {p['gmacs']:.4f} GMACs  top-1 {100 * p['top1']:.1f}%")
+        points += new
+    paths = write_pareto(points, args.pareto)
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return points
+
+
+def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", default="dtp_vit_base_patch32_224_10x", help="registry encoder name")
-    parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk")
+    parser.add_argument("--model", default=None, help=f"registry encoder name (default {DEFAULT_MODEL}; "
+                        "with --pareto: the checkpoint's open_clip name)")
+    parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk (with --pareto: the "
+                        "plain CLIP the merging sweeps patch: file, checkpoint dir or run dir)")
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--embed-dim", type=int, default=None,
@@ -153,7 +190,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--lgtm", action="store_true", help="with --tome-r: DFE + LGTM instead of ToMe")
     parser.add_argument("--dense-layers", type=int, default=2, help="LGTM: blocks kept dense")
     parser.add_argument("--local-layers", type=int, default=2, help="LGTM: blocks merging inside 2x2 windows")
+    parser.add_argument("--pareto", default=None, metavar="DIR",
+                        help="write pareto.json + pareto.png to DIR: zero-shot top-1 vs GMACs of the --tome-r sweep "
+                        "(ToMe and DFE + LGTM) on --checkpoint, and of the --points checkpoints")
+    parser.add_argument("--points", nargs="*", default=[],
+                        help="with --pareto: more trained CLIP checkpoints (e.g. DTP-ViT runs), one point each")
+    parser.add_argument("--eval-data", default=None, help="with --pareto: eval set (default: the demo eval set)")
     args = parse_args(parser, argv)
+    if args.pareto:
+        return pareto_main(args)
+    args.model = args.model or DEFAULT_MODEL
     kwargs = {"img_size": args.image_size} if args.image_size else {}
     tower = build_visual_tower(args.model, args.checkpoint, args.embed_dim, **kwargs)
     results = []

@@ -1,6 +1,7 @@
 """ToMe and DFE + LGTM: the r = 0 identity, the schedules, exact merges, spatial bookkeeping, the contract."""
 import open_clip
 import pytest
+import timm
 import torch
 from fvcore.nn import FlopCountAnalysis
 
@@ -263,3 +264,23 @@ def test_lgtm_on_an_odd_grid_keeps_counts_and_windows():
     assert merged_token_counts(model) == tokens_per_block(model, images) == [50, 42, 34, 28]
     source = model._tome_info["source"][..., 1:]
     assert torch.equal(source.sum(1), torch.ones(2, 49))
+
+
+@pytest.mark.parametrize("method,apply", [("tome", apply_tome), ("lgtm", apply_lgtm)])
+def test_named_merging_clip_equals_the_plain_clip_patched(method, apply):
+    """`ToMe-ViT-Ti-8-64-r4` holds the plain CLIP's weights, merging as apply_* on the plain CLIP does."""
+    prefix = {"tome": "ToMe", "lgtm": "LGTM"}[method]
+    named = open_clip.create_model(f"{prefix}-ViT-Ti-8-64-r4")
+    plain = open_clip.create_model("PlainViT-Ti-8-64")
+    named.load_state_dict(plain.state_dict())  # a plain CLIP checkpoint loads unchanged
+    apply(plain, 4)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(named.encode_image(images), plain.encode_image(images))
+    assert merged_token_counts(named) == merged_token_counts(plain)
+    assert merged_token_counts(named)[-1] < PATCHES + 1
+
+
+def test_named_merging_encoder_takes_an_r_override():
+    assert merged_token_counts(timm.create_model("tome_vit_tiny_patch8_64_r4", tome_r=2)) == \
+        [PATCHES + 1 - 2 * (i + 1) for i in range(6)]

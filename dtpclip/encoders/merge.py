@@ -37,7 +37,11 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers.attention import Attention
+from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import Block, VisionTransformer
+
+from dtpclip.encoders.vit import PlainViT, build_vit_family, default_cfg
+from dtpclip.registry import CLIP_TAGS, VIT_SIZES, EncoderInfo, register_encoder
 
 RSchedule = Union[int, List[int], Tuple[int, float]]  # see parse_r
 MergeFn = Callable[..., torch.Tensor]
@@ -432,3 +436,41 @@ def merged_token_counts(model: nn.Module) -> List[int]:
             tokens -= max(0, min(r, (tokens - prefix) // 2))
         counts.append(tokens)
     return counts
+
+
+# Named merging variants, so timm and open_clip (a config can only name a model) build them:
+# `tome_vit_{size}_r{r}` / `lgtm_vit_{size}_r{r}`, open_clip `ToMe-ViT-{tag}-r{r}` / `LGTM-ViT-{tag}-r{r}`.
+# They hold the plain ViT's weights (a plain CLIP checkpoint loads), patched at build time; the
+# `tome_r` kwarg overrides r. The r values: ToMe's headline settings (B/16 r=13, L/14 r=8) and
+# about half the FLOPs for each size (the profiler's `--tome-r` sweeps any other r).
+MERGE_R = {
+    "tiny_patch8_64": (4, 8), "small_patch16_224": (13,), "base_patch32_224": (2, 3),
+    "base_patch16_224": (8, 13, 16), "large_patch14_224": (8,),
+}
+MERGE_METHODS = {"tome": ("ToMe", apply_tome), "lgtm": ("LGTM", apply_lgtm)}
+
+
+def _build_merging_vit(method: str, variant: str, size: str, r: int, pretrained: bool = False, **kwargs):
+    tome_r = kwargs.pop("tome_r", r)
+    model = build_vit_family(PlainViT, variant, size, pretrained, **kwargs)
+    MERGE_METHODS[method][1](model, tome_r)
+    return model
+
+
+def _register_merging(method: str, size: str, r: int) -> None:
+    name = f"{method}_vit_{size}_r{r}"
+    register_encoder(
+        lambda pretrained=False, **kwargs: _build_merging_vit(method, name, size, r, pretrained, **kwargs),
+        EncoderInfo(name=name, family=method, size=size,
+                    clip_name=f"{MERGE_METHODS[method][0]}-ViT-{CLIP_TAGS[size]}-r{r}"),
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    f"{method}_vit_{size}_r{r}": default_cfg(size) for method in MERGE_METHODS for size in VIT_SIZES
+    for r in MERGE_R[size]
+})
+for _method in MERGE_METHODS:
+    for _size in VIT_SIZES:
+        for _r in MERGE_R[_size]:
+            _register_merging(_method, _size, _r)
