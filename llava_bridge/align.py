@@ -1,0 +1,344 @@
+"""The LLaVA alignment loop that `deepspeed launch/llava_align.py` drives (LLaVA's
+llava/train/train.py with HF Trainer, written out with DeepSpeed's engine).
+
+Stage 1 ('pretrain'): vision tower and LM frozen, the projector trained (lr 1e-3, no weight
+decay, 3% warmup then cosine, 1 epoch, template 'plain'). Stage 2 ('finetune'): projector and LM
+trained, vision frozen (lr 2e-5, template 'vicuna_v1'). bf16 on GPU, fp32 on CPU.
+
+The optimizer is torch's AdamW handed to `deepspeed.initialize`: an `optimizer` block in the
+DeepSpeed config would build DeepSpeed's C++ CPU Adam first (about 80 s), so it is refused.
+The loss is the token sum over a rank's batch divided by the token count of the global batch
+(times the world size, as DeepSpeed averages gradients over ranks): N ranks give the loss and
+gradients of one rank on the same global batch.
+Resume: `<run>/checkpoints/step_N` (dtpclip.checkpointing layout: trainable weights, trainer
+state and each rank's RNG states) plus DeepSpeed's own engine checkpoint (optimizer, scheduler;
+frozen weights excluded); the data order is a seeded permutation per epoch, so a resumed run
+sees the same batches.
+"""
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dtpclip import checkpointing
+from dtpclip.checkpoint import load_checked, read_state_dict
+from dtpclip.measure import peak_resident_bytes
+from llava_bridge import build
+from llava_bridge.conversation import IGNORE_INDEX, TEMPLATES, get_template
+from llava_bridge.data import LlavaCollator, LlavaJsonDataset
+from llava_bridge.model import SELECT_FEATURES, LlavaModel
+from llava_bridge.projector import PROJECTORS
+
+STAGES = {"pretrain": dict(lr=1e-3, template="plain"), "finetune": dict(lr=2e-5, template="vicuna_v1")}
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
+
+
+def _default_run_dir() -> str:
+    root = os.environ.get("DTPCLIP_RUNS_DIR") or Path.home() / ".cache" / "dtpclip" / "runs"
+    return str(Path(root) / "llava_demo")
+
+
+@dataclass
+class AlignConfig:
+    stage: str = field(default="pretrain", metadata={"help": "pretrain: projector only; finetune: projector + LM",
+                                                     "choices": tuple(STAGES)})
+    data_path: Optional[str] = field(default=None, metadata={"help": "LLaVA json (default: the demo's)"})
+    image_folder: Optional[str] = field(default=None, metadata={"help": "image root (default: the demo's)"})
+    encoder: str = field(default="dtp_vit_tiny_patch8_64_4x", metadata={"help": "registry encoder"})
+    encoder_checkpoint: Optional[str] = field(default="demo", metadata={
+        "help": "CLIP checkpoint for the tower; 'demo': the latest demo CLIP run (fresh with a warning if none); "
+                "'none': fresh"})
+    tome_r: int = field(default=0, metadata={"help": "ToMe merges per block (plain ViT towers)"})
+    select_layer: int = field(default=-1, metadata={"help": "-1: encode() output; -k: plain ViT hidden state"})
+    select_feature: str = field(default="patch", metadata={"help": "drop or keep CLS", "choices": SELECT_FEATURES})
+    projector: str = field(default="mlp2x_gelu", metadata={"help": "projector kind", "choices": PROJECTORS})
+    pretrain_projector: Optional[str] = field(default=None, metadata={
+        "help": "finetune: stage-1 output directory (or projector.safetensors) to start from"})
+    lm: Optional[str] = field(default=None, metadata={"help": "local LM directory (default: the demo's tiny Llama)"})
+    template: Optional[str] = field(default=None, metadata={"help": "default: plain (pretrain), vicuna_v1 (finetune)",
+                                                            "choices": tuple(TEMPLATES)})
+    deepspeed_config: str = field(default=str(CONFIG_DIR / "zero2.json"), metadata={"help": "zero2/zero3 json"})
+    batch_size: int = field(default=32, metadata={"help": "micro batch per rank"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    lr: Optional[float] = field(default=None, metadata={"help": "default: 1e-3 (pretrain), 2e-5 (finetune)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup share of the steps"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    epochs: int = field(default=1, metadata={"help": "passes over the data"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_samples: Optional[int] = field(default=None, metadata={"help": "use the first N records only"})
+    max_length: int = field(default=2048, metadata={"help": "LM sequence cut (after splicing)"})
+    precision: str = field(default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU",
+                                                     "choices": ("auto", "bf16", "fp32")})
+    seed: int = field(default=0, metadata={"help": "data order and fresh weights"})
+    workers: int = field(default=1, metadata={"help": "data loader processes per rank"})
+    log_every: int = field(default=10, metadata={"help": "log every N optimizer steps"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
+    run_dir: Optional[str] = field(default=None, metadata={
+        "help": "output directory (default: $DTPCLIP_RUNS_DIR or ~/.cache/dtpclip/runs, then llava_demo)"})
+    resume: Optional[str] = field(default="auto", metadata={"help": "'auto', a checkpoint path, or 'none'"})
+
+
+def init_distributed(device: torch.device):
+    """torch.distributed through DeepSpeed; a plain `python` run becomes a world of one."""
+    import deepspeed
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def deepspeed_config(path, cfg: AlignConfig, world: int, bf16: bool, hidden: int) -> dict:
+    """The json with its "auto" values filled as HF Trainer fills them; an `optimizer` block is refused."""
+    config = json.loads(Path(path).read_text())
+    if "optimizer" in config:
+        raise ValueError(f"DeepSpeed config {path!r} has an 'optimizer' block; remove it: the loop passes torch "
+                         "AdamW (DeepSpeed's would first compile its C++ CPU Adam)")
+    fills = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+             "train_batch_size": cfg.batch_size * cfg.grad_accum * world, "gradient_clipping": cfg.grad_clip,
+             "bf16.enabled": bf16, "fp16.enabled": False, "zero_optimization.reduce_bucket_size": hidden * hidden,
+             "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+             "zero_optimization.stage3_param_persistence_threshold": 10 * hidden}
+
+    def fill(node: dict, prefix: str = ""):
+        for key, value in node.items():
+            name = prefix + key
+            if isinstance(value, dict):
+                fill(value, name + ".")
+            elif value == "auto":
+                if name not in fills:
+                    raise ValueError(f"DeepSpeed config {path!r}: no value to fill for {name!r} = 'auto'")
+                node[key] = fills[name]
+    fill(config)
+    return config
+
+
+def lr_lambda(total: int, warmup_ratio: float):
+    """LLaVA's (HF's) schedule: linear warmup over ceil(ratio * total) steps, then cosine to 0."""
+    warmup = math.ceil(warmup_ratio * total)
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return scale
+
+
+def epoch_batches(num_samples: int, micro: int, rank: int, world: int, seed: int, epoch: int):
+    """This rank's micro batches of an epoch: a seeded permutation cut into global batches."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    size = micro * world
+    return [order[k * size + rank * micro: k * size + (rank + 1) * micro] for k in range(num_samples // size)]
+
+
+def token_loss(logits, labels, world: int):
+    """(loss to backpropagate, this rank's token-loss sum, global label-token count); see the module doc."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    count = (labels != IGNORE_INDEX).sum().float()
+    if world > 1:
+        dist.all_reduce(count)
+    return total * world / count.clamp_min(1.0), total.detach(), count
+
+
+def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
+    from dtpclip.demo_data import ensure_demo_data
+    cfg.run_dir = cfg.run_dir or _default_run_dir()
+    if cfg.data_path is None:
+        demo = ensure_demo_data()
+        cfg.data_path, cfg.image_folder = str(demo.llava_json), str(demo.llava_images)
+    if cfg.image_folder is None:
+        cfg.image_folder = str(Path(cfg.data_path).parent)
+    if cfg.lm is None:
+        from llava_bridge.demo_lm import ensure_demo_lm
+        cfg.lm = str(ensure_demo_lm(llava_json=cfg.data_path))
+    cfg.lr = STAGES[cfg.stage]["lr"] if cfg.lr is None else cfg.lr
+    cfg.template = cfg.template or STAGES[cfg.stage]["template"]
+    cfg.encoder_checkpoint = build.resolve_encoder_checkpoint(cfg.encoder_checkpoint)
+    return cfg
+
+
+def build_model(cfg: AlignConfig):
+    """(LlavaModel with only the stage's parameters trainable, tokenizer)."""
+    tower = build.build_vision_tower(cfg.encoder, cfg.encoder_checkpoint, cfg.select_layer, cfg.select_feature,
+                                     cfg.tome_r, cfg.seed)
+    lm, tokenizer = build.load_lm(cfg.lm)
+    torch.manual_seed(cfg.seed)
+    model = LlavaModel(tower, lm, cfg.projector, cfg.max_length)
+    if cfg.pretrain_projector:  # a stage-1 run directory, its final/, or a projector file
+        path = Path(cfg.pretrain_projector)
+        path = path / "final" if (path / "final").is_dir() else path
+        if (path / build.VISION_FILE).is_file():  # stage 1 started from a fresh tower: keep that one
+            load_checked(tower.encoder, read_state_dict(path / build.VISION_FILE), path / build.VISION_FILE)
+        path = path / build.PROJECTOR_FILE if path.is_dir() else path
+        load_checked(model.projector, read_state_dict(path), path)
+    lm.requires_grad_(cfg.stage == "finetune")
+    return model, tokenizer
+
+
+def gathered_state(engine, trainable_only: bool) -> dict:
+    """The module's (trainable) weights, whole on rank 0 also under ZeRO-3 (collective there)."""
+    trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only) or {}
+    else:
+        state = engine.module.state_dict()
+    return {k: v for k, v in state.items() if k in trainable or not trainable_only}
+
+
+def module_state(engine, module) -> dict:
+    """`module`'s weights, gathered whole under ZeRO-3 (collective there)."""
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=engine.zero_optimization_stage() == 3):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_final(engine, cfg: AlignConfig, tokenizer, rank: int) -> Optional[Path]:
+    """Stage 1: the projector (+ a fresh tower's weights); stage 2: the whole model (see build.py)."""
+    state = gathered_state(engine, trainable_only=cfg.stage == "pretrain")
+    tower = module_state(engine, engine.module.vision_tower.encoder) if cfg.encoder_checkpoint is None else None
+    if rank != 0:
+        return None
+    final = Path(cfg.run_dir) / "final"
+    staging = final.with_name("final.tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    build.save_file_atomic(part("projector."), staging / build.PROJECTOR_FILE)
+    lm_path = cfg.lm
+    if cfg.stage == "finetune":
+        engine.module.language_model.save_pretrained(staging / build.LM_DIR, state_dict=part("language_model."))
+        tokenizer.save_pretrained(staging / build.LM_DIR)
+        lm_path = build.LM_DIR
+    if tower is not None:
+        build.save_file_atomic(tower, staging / build.VISION_FILE)
+    config = {"stage": cfg.stage, "encoder": cfg.encoder, "encoder_checkpoint": cfg.encoder_checkpoint,
+              "tome_r": cfg.tome_r, "select_layer": cfg.select_layer, "select_feature": cfg.select_feature,
+              "projector": cfg.projector, "lm": lm_path, "template": cfg.template, "max_length": cfg.max_length}
+    (staging / build.CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return final
+
+
+def save_checkpoint(engine, cfg: AlignConfig, step: int, rank: int) -> None:
+    staging = checkpointing.staging_dir(cfg.run_dir, step)
+    engine.save_checkpoint(str(staging), tag="engine", exclude_frozen_parameters=True)
+    checkpointing.write_rank_part(cfg.run_dir, step, rank)
+    state = gathered_state(engine, trainable_only=True)
+    if rank == 0:
+        checkpointing.write_main_part(cfg.run_dir, step, state, {"step": step}, asdict(cfg))
+    dist.barrier()
+    if rank == 0:
+        checkpointing.publish(cfg.run_dir, step)
+    dist.barrier()
+
+
+def train(cfg: AlignConfig) -> Optional[Path]:
+    """Run the stage; returns the final directory (on rank 0)."""
+    import deepspeed
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = init_distributed(device)
+    cfg = resolve_defaults(cfg)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    model, tokenizer = build_model(cfg)
+    dataset = LlavaJsonDataset(cfg.data_path, cfg.image_folder, tokenizer, get_template(cfg.template),
+                               build.image_transform(model.vision_tower), cfg.max_samples)
+    batches_per_epoch = len(dataset) // (cfg.batch_size * world)
+    if batches_per_epoch < cfg.grad_accum:
+        raise ValueError(f"{cfg.data_path}: {len(dataset)} samples make no full global batch of "
+                         f"{cfg.batch_size * world * cfg.grad_accum}")
+    total = cfg.epochs * batches_per_epoch // cfg.grad_accum
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup_ratio))
+    ds_config = deepspeed_config(cfg.deepspeed_config, cfg, world, bf16, model.language_model.config.hidden_size)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    step = 0
+    resume = checkpointing.resolve_resume(cfg.resume, cfg.run_dir)
+    if resume is not None:
+        engine.load_checkpoint(str(resume), tag="engine", load_module_strict=False)
+        state = checkpointing.read_checkpoint(resume, rank)
+        checkpointing.set_rng_state(state["rng"])
+        step = int(state["trainer"]["step"])
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    if rank == 0:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+    collate = LlavaCollator(tokenizer.pad_token_id)
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"llava {cfg.stage}")
+    window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "visual": 0, "imaged": 0, "steps": 0,
+              "start": time.perf_counter()}
+    micro = step * cfg.grad_accum
+    while step < total:
+        epoch, offset = divmod(micro, batches_per_epoch)
+        batches = epoch_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)[offset:]
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.workers)
+        for batch in loader:
+            batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+            logits, labels, counts = engine(**batch)
+            loss, total_loss, count = token_loss(logits, labels, world)
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            window["loss"] += float(total_loss)
+            window["tokens"] += float(count)
+            window["samples"] += len(counts)
+            window["visual"] += sum(counts)
+            window["imaged"] += sum(c > 0 for c in counts)
+            if micro % cfg.grad_accum:
+                continue
+            step += 1
+            window["steps"] += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                log_window(window, step, epoch, scheduler, world, rank, metrics, bar, device)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save_checkpoint(engine, cfg, step, rank)
+            if step >= total:
+                break
+    bar.close()
+    return save_final(engine, cfg, tokenizer, rank)
+
+
+def log_window(window: dict, step: int, epoch: int, scheduler, world: int, rank: int, metrics: Path, bar,
+               device) -> None:
+    """One metrics.jsonl record over the steps since the last one; the window is reset."""
+    loss_sum = torch.tensor(window["loss"], dtype=torch.float64)  # window["tokens"] is already global
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    elapsed = time.perf_counter() - window["start"]
+    record = {
+        "kind": "train", "step": step, "epoch": epoch, "loss": float(loss_sum) / max(1.0, window["tokens"]),
+        "lr": scheduler.get_last_lr()[0], "step_time": elapsed / max(1, window["steps"]),
+        "samples_per_s": window["samples"] * world / elapsed,
+        "visual_tokens_per_sample": window["visual"] / max(1, window["imaged"]),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+        else peak_resident_bytes(),
+    }
+    if rank == 0:
+        with metrics.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", vis_tok=f"{record['visual_tokens_per_sample']:.1f}")
+    window.update(loss=0.0, tokens=0.0, samples=0, visual=0, imaged=0, steps=0, start=time.perf_counter())

@@ -1,0 +1,97 @@
+"""Building the multimodal model from a run config, and loading a trained one back.
+
+A trained model is a directory (`<run>/final`) holding
+  llava_config.json        what to build: encoder, its CLIP checkpoint, select layer/feature,
+                           projector kind, LM path (absolute, or relative to the directory), template
+  projector.safetensors    the projector's weights
+  vision_tower.safetensors the encoder's weights, only when it did not come from a checkpoint file
+  lm/                      stage 2 only: the trained LM and its tokenizer (save_pretrained)
+"""
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import timm
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dtpclip.checkpoint import load_checked
+from dtpclip.registry import create_encoder
+from llava_bridge.conversation import Template, get_template
+from llava_bridge.model import LlavaModel, VisionTower
+
+CONFIG_FILE = "llava_config.json"
+PROJECTOR_FILE = "projector.safetensors"
+VISION_FILE = "vision_tower.safetensors"
+LM_DIR = "lm"
+
+
+def resolve_encoder_checkpoint(given: Optional[str]) -> Optional[str]:
+    """'demo': the latest demo CLIP checkpoint, or None (a fresh encoder) with a warning; 'none': None."""
+    if given in (None, "", "none"):
+        return None
+    if given == "demo":
+        from dtpclip.evaluate import latest_demo_checkpoint
+        try:
+            return str(latest_demo_checkpoint()[0])
+        except FileNotFoundError as e:
+            warnings.warn(f"{e}; using a freshly initialised vision tower", stacklevel=2)
+            return None
+    return given
+
+
+def build_vision_tower(encoder: str, checkpoint: Optional[str], select_layer: int, select_feature: str,
+                       tome_r: int = 0, seed: int = 0, **encoder_kwargs) -> VisionTower:
+    """A frozen registry encoder (kwargs go to its constructor), optionally ToMe-patched with r = tome_r."""
+    torch.manual_seed(seed)  # a fresh tower is the same on every rank and in every run
+    model = create_encoder(encoder, checkpoint=checkpoint, **encoder_kwargs)
+    if tome_r:
+        from dtpclip.encoders.merge import apply_tome
+        apply_tome(model, r=tome_r)
+    return VisionTower(model, select_layer, select_feature)
+
+
+def image_transform(tower: VisionTower):
+    cfg = timm.data.resolve_data_config({}, model=tower.encoder)
+    return timm.data.create_transform(**cfg, is_training=False)
+
+
+def load_lm(path, dtype: torch.dtype = torch.float32):
+    """A local causal LM and its tokenizer (offline); the tokenizer gets a pad token if it has none."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"LM {str(path)!r} is not a local directory (expected a save_pretrained "
+                                "directory with config.json, weights and tokenizer files)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    return lm, tokenizer
+
+
+def save_file_atomic(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_trained(path, dtype: torch.dtype = torch.float32) -> Tuple[LlavaModel, object, Template, dict]:
+    """(model, tokenizer, template, config) of a trained directory (see the module doc)."""
+    path = Path(path)
+    if (path / "final" / CONFIG_FILE).is_file():
+        path = path / "final"  # a run directory
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_FILE}: expected the 'final' directory of a "
+                                "launch/llava_align.py run (or the run directory)")
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    tower = build_vision_tower(cfg["encoder"], cfg["encoder_checkpoint"], cfg["select_layer"],
+                               cfg["select_feature"], cfg.get("tome_r", 0), **cfg.get("encoder_kwargs", {}))
+    if (path / VISION_FILE).is_file():
+        load_checked(tower.encoder, load_file(str(path / VISION_FILE)), path / VISION_FILE)
+    lm, tokenizer = load_lm(path / cfg["lm"], dtype)  # an absolute cfg["lm"] wins over `path`
+    model = LlavaModel(tower, lm, cfg["projector"], cfg.get("max_length"))
+    load_checked(model.projector, load_file(str(path / PROJECTOR_FILE)), path / PROJECTOR_FILE)
+    return model.to(dtype).eval(), tokenizer, get_template(cfg["template"]), cfg

@@ -1,0 +1,84 @@
+"""LLaVA json datasets and their collator (LLaVA's `LazySupervisedDataset` and
+`DataCollatorForSupervisedDataset`, llava/train/train.py).
+
+A record is {"id", "image" (relative to the image folder; absent for text-only records),
+"conversations": [{"from": "human"|"gpt", "value"}...]}: the 558K pretraining captions
+(one human turn with `<image>`, one answer) and the 665K multi-turn instruction data alike.
+"""
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from llava_bridge.conversation import IGNORE_INDEX, IMAGE_TOKEN, Template, tokenize_conversation
+
+
+def read_records(json_path) -> List[dict]:
+    path = Path(json_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LLaVA data {str(path)!r} does not exist (expected a json list of "
+                                "{'id', 'image', 'conversations'} records)")
+    records = json.loads(path.read_text())
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"LLaVA data {str(path)!r} must be a non-empty json list of records")
+    return records
+
+
+class LlavaJsonDataset(Dataset):
+    """One tokenized conversation per record, with its image as a tensor (None when text-only)."""
+
+    def __init__(self, json_path, image_folder, tokenizer, template: Template, transform: Callable,
+                 max_samples: Optional[int] = None):
+        self.records = read_records(json_path)[:max_samples]
+        self.image_folder, self.tokenizer, self.template = Path(image_folder), tokenizer, template
+        self.transform = transform
+        self.source = str(json_path)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Dict[str, Optional[torch.Tensor]]:
+        record = self.records[index]
+        turns = record.get("conversations")
+        if not turns:
+            raise ValueError(f"{self.source} record {index} (id {record.get('id')!r}) has no 'conversations'")
+        placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+        if placeholders != int("image" in record):
+            raise ValueError(f"{self.source} record {index} (id {record.get('id')!r}) has {placeholders} "
+                             f"{IMAGE_TOKEN} placeholders and {'an' if 'image' in record else 'no'} image; "
+                             "expected one placeholder with an image, or none without")
+        try:
+            input_ids, labels = tokenize_conversation(turns, self.tokenizer, self.template)
+        except ValueError as e:
+            raise ValueError(f"{self.source} record {index} (id {record.get('id')!r}): {e}") from e
+        image = None
+        if "image" in record:
+            path = self.image_folder / record["image"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.source} record {index}: image {str(path)!r} does not exist "
+                                        f"(paths are relative to the image folder {str(self.image_folder)!r})")
+            with Image.open(path) as img:
+                image = self.transform(img.convert("RGB"))
+        return {"input_ids": input_ids, "labels": labels, "image": image}
+
+
+class LlavaCollator:
+    """Right-pads ids (pad id) and labels (IGNORE_INDEX); stacks the images of the samples that have one."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: List[dict]) -> Dict[str, Optional[torch.Tensor]]:
+        length = max(s["input_ids"].shape[0] for s in samples)
+        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = s["input_ids"].shape[0]
+            input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
+        images = [s["image"] for s in samples if s["image"] is not None]
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                "images": torch.stack(images) if images else None}

@@ -1,0 +1,47 @@
+"""Export a trained model as a Hugging Face directory that loads offline:
+
+    python -m llava_bridge.export --checkpoint RUN/final --out DIR
+    AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)
+
+The directory holds config.json (auto_map to the copied hf_model.py), model.safetensors and the
+tokenizer. Input ids carry IMAGE_TOKEN_INDEX (-200) placeholders (llava_bridge.conversation),
+pixel_values one image per placeholder.
+"""
+import sys
+from pathlib import Path
+
+from dtpclip.cli import make_parser, parse_args
+from llava_bridge.hf_model import DtpLlavaConfig, DtpLlavaForConditionalGeneration
+
+
+def export_hf(model, tokenizer, config: dict, out_dir) -> Path:
+    """Write `model` (a LlavaModel) with the build `config` (llava_config.json's keys) to `out_dir`."""
+    out_dir = Path(out_dir)
+    text = model.language_model.config.to_dict()
+    hf_config = DtpLlavaConfig(
+        encoder=config["encoder"], encoder_kwargs=config.get("encoder_kwargs", {}), tome_r=config.get("tome_r", 0),
+        select_layer=config["select_layer"], select_feature=config["select_feature"],
+        projector=config["projector"], lm_config=text, max_sequence_length=config.get("max_length"))
+    DtpLlavaConfig.register_for_auto_class()
+    DtpLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    hf = DtpLlavaForConditionalGeneration(hf_config)
+    hf.model.load_state_dict(model.state_dict())
+    hf.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv=None) -> Path:
+    from llava_bridge.build import load_trained
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a llava_align run directory or its final/")
+    parser.add_argument("--out", required=True, help="export directory")
+    args = parse_args(parser, argv)
+    model, tokenizer, _, config = load_trained(args.checkpoint)
+    out = export_hf(model, tokenizer, config, args.out)
+    print(f"exported to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,58 @@
+"""The exported model's Hugging Face classes (copied into every export directory, `auto_map` set),
+so the directory loads offline with
+`AutoModelForImageTextToText.from_pretrained(dir, trust_remote_code=True)`.
+
+Stock `LlavaForConditionalGeneration` expects a fixed number of image tokens per image (it
+repeats an image token id that many times in the prompt), which DTP-ViT does not have; this
+class wraps our `LlavaModel`, so the exported model splices each image's own token count
+exactly as in training. The code imports `dtpclip` and `llava_bridge`, which must be installed.
+"""
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from llava_bridge.build import build_vision_tower
+from llava_bridge.model import LlavaModel
+
+
+class DtpLlavaConfig(PretrainedConfig):
+    """encoder (registry name), tome_r, select_layer, select_feature, projector, lm_config (LM config dict),
+    max_sequence_length (the LM sequence cut after splicing)."""
+
+    model_type = "dtpclip_llava"
+
+    def __init__(self, encoder: str = "dtp_vit_tiny_patch8_64_4x", encoder_kwargs=None, tome_r: int = 0,
+                 select_layer: int = -1, select_feature: str = "patch", projector: str = "mlp2x_gelu",
+                 lm_config=None, max_sequence_length=None, **kwargs):
+        self.encoder, self.encoder_kwargs, self.tome_r = encoder, encoder_kwargs or {}, tome_r
+        self.select_layer, self.select_feature, self.projector = select_layer, select_feature, projector
+        self.lm_config, self.max_sequence_length = lm_config or {}, max_sequence_length
+        super().__init__(**kwargs)
+
+
+class DtpLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """`forward(input_ids (IMAGE_TOKEN_INDEX placeholders), attention_mask, pixel_values, labels)`."""
+
+    config_class = DtpLlavaConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: DtpLlavaConfig):
+        super().__init__(config)
+        text = dict(config.lm_config)
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(text.pop("model_type"), **text))
+        tower = build_vision_tower(config.encoder, None, config.select_layer, config.select_feature,
+                                   config.tome_r, **config.encoder_kwargs)
+        self.model = LlavaModel(tower, lm, config.projector, config.max_sequence_length)
+        self.post_init()
+
+    def _init_weights(self, module):
+        """Every weight comes from the export; nothing to initialise."""
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = input_ids.new_ones(input_ids.shape)
+        logits, labels, _ = self.model(input_ids, attention_mask, labels, pixel_values)
+        loss = None
+        if labels is not None:
+            from torch.nn.functional import cross_entropy
+            loss = cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)

@@ -1,0 +1,119 @@
+"""The alignment loop: resume continues exactly, 2 ranks give the loss of 1 rank on the same global
+batch, ZeRO-3 gives ZeRO-2's losses and weights, stage 1 trains only the projector and saves it,
+stage 2 saves the whole model, the caption loss falls, and a DeepSpeed `optimizer` block is refused."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from llava_bridge import align
+from llava_bridge.align import AlignConfig, deepspeed_config, train
+from llava_bridge.build import load_trained
+from llava_bridge.demo_lm import ensure_demo_lm
+from llava_bridge.generate import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def demo_lm(small_demo, tmp_path_factory):
+    return ensure_demo_lm(tmp_path_factory.mktemp("lm") / "lm", small_demo.llava_json, steps=40)
+
+
+def flags(small_demo, demo_lm, run_dir, **overrides) -> dict:
+    base = dict(data_path=str(small_demo.llava_json), image_folder=str(small_demo.llava_images), lm=str(demo_lm),
+                encoder="plain_vit_tiny_patch8_64", encoder_checkpoint="none", batch_size=8, workers=0,
+                log_every=1, run_dir=str(run_dir))
+    return {**base, **overrides}
+
+
+def losses(run_dir) -> dict:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def test_resume_continues_exactly(small_demo, demo_lm, tmp_path, monkeypatch):
+    full = AlignConfig(**flags(small_demo, demo_lm, tmp_path / "full", max_steps=8))
+    train(full)
+    reference = losses(full.run_dir)
+    assert sorted(reference) == list(range(1, 9))
+
+    real_log = align.log_window
+
+    def crash_at_step_7(window, step, *args):
+        real_log(window, step, *args)
+        if step == 7:
+            raise KeyboardInterrupt  # after checkpoints at steps 3 and 6: step 7 is lost
+    monkeypatch.setattr(align, "log_window", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "cut", max_steps=8, save_every=3)))
+    monkeypatch.setattr(align, "log_window", real_log)
+    assert (tmp_path / "cut" / "latest").read_text().strip() == "checkpoints/step_00000006"
+    train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "cut", max_steps=8, save_every=3)))
+    assert losses(tmp_path / "cut") == reference  # every step's loss, bit for bit
+
+
+def test_two_ranks_match_one_on_the_same_global_batch(small_demo, demo_lm, tmp_path):
+    """Token-count normalisation over the global batch: 2 ranks x 4 = 1 rank x 8, two steps running."""
+    train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "one", max_steps=2)))
+    single = losses(tmp_path / "one")
+    args = flags(small_demo, demo_lm, tmp_path / "two", batch_size=4, max_steps=2)
+    cli = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}  # the in-process run set them
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "launch" / "llava_align.py")] + cli, check=True, timeout=240,
+                   env={**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    double = losses(tmp_path / "two")
+    assert single[2] != single[1]  # the first step changed the projector
+    assert double == pytest.approx(single, abs=1e-5)
+
+
+def test_stage1_trains_only_the_projector_and_the_caption_loss_falls(small_demo, demo_lm, tmp_path):
+    cfg = AlignConfig(**flags(small_demo, demo_lm, tmp_path, epochs=2, lr=3e-3))
+    final = train(cfg)
+    curve = list(losses(tmp_path).values())
+    assert len(curve) == 2 * (192 // 8)
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5  # measured: 4.72 -> 3.60
+    assert sorted(p.name for p in final.iterdir()) == ["llava_config.json", "projector.safetensors",
+                                                       "vision_tower.safetensors"]
+    assert set(load_file(str(final / "projector.safetensors"))) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    model, _, template, _ = load_trained(final)
+    assert template.name == "plain"
+    image = next(small_demo.llava_images.rglob("*.jpg"))
+    assert isinstance(generate(final, image, "Describe it.", max_new_tokens=4), str)
+
+
+def test_stage2_saves_the_whole_model_that_loads_back(small_demo, demo_lm, tmp_path):
+    stage1 = train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "s1", max_steps=2)))
+    stage2 = train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "s2", max_steps=2, stage="finetune",
+                                       pretrain_projector=str(stage1))))
+    model, tokenizer, template, config = load_trained(stage2)
+    assert template.name == "vicuna_v1" and config["lm"] == "lm" and (stage2 / "lm" / "model.safetensors").is_file()
+    assert tokenizer.eos_token == "</s>"
+
+
+def test_optimizer_block_in_deepspeed_config_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "train_batch_size": "auto"}))
+    with pytest.raises(ValueError, match="has an 'optimizer' block"):
+        deepspeed_config(str(path), AlignConfig(), 1, False, 64)
+    filled = deepspeed_config(str(ROOT / "launch" / "configs" / "zero3.json"), AlignConfig(batch_size=4, grad_accum=2),
+                              2, True, 64)
+    assert filled["train_batch_size"] == 16 and filled["bf16"]["enabled"] is True
+    assert filled["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+
+
+def test_zero3_gives_the_losses_and_projector_of_zero2(small_demo, demo_lm, tmp_path):
+    runs = {}
+    for stage in ("zero2", "zero3"):
+        final = train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / stage, max_steps=3,
+                                          deepspeed_config=str(ROOT / "launch" / "configs" / f"{stage}.json"))))
+        runs[stage] = losses(tmp_path / stage), load_file(str(final / "projector.safetensors"))
+    assert runs["zero3"][0] == pytest.approx(runs["zero2"][0], abs=1e-5)
+    for name, weight in runs["zero2"][1].items():
+        assert (runs["zero3"][1][name] - weight).abs().max() < 1e-5
