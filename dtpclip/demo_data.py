@@ -2,11 +2,13 @@
 
 Every entry point defaults to it, so a laptop run reads the same shards, through the same
 `dtpclip.data` code, as a LAION run. Scenes are procedural: one of ten shapes (the class) in a
-named colour, size and position, on a textured background, with a few small distractors.
+named colour and size, near the centre, on a textured background, with a few small distractors.
 Captions name the class always and the other attributes sometimes; a share of them are exactly
 the eval set's templates, so zero-shot prompts are in the caption vocabulary. The shape is kept
-the dominant visual concept (large, high contrast; distractors are tiny), because a tiny CLIP
-trained for minutes on 2 CPU cores must learn it.
+the dominant visual concept (large, high contrast, near the centre; distractors are tiny),
+because a tiny CLIP trained for minutes on 2 CPU cores must learn it: a ViT has no built-in
+translation invariance, and with shapes anywhere in the frame a tiny one learned the classes
+about 4x more slowly (measured: supervised, 400 steps of 64, 31% vs 76% top-1).
 
 Generation is seeded per sample (the same bytes for the same config on any machine), takes
 about 25 s on one core for the default 20k + 1k images, and is idempotent: a completion marker
@@ -40,7 +42,7 @@ from dtpclip.data import export_llava_pretrain
 from dtpclip.evalsets import write_wds_evalset
 
 ENV_VAR = "DTPCLIP_DEMO_DIR"
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 MARKER = "COMPLETE.json"
 
 CLASSNAMES = (
@@ -63,11 +65,7 @@ COLOURS = {
 }
 SIZES = {"small": (0.40, 0.48), "medium": (0.50, 0.60), "large": (0.62, 0.76)}  # of image side
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "noisy", "gradient")
-POSITIONS = (
-    ("at the top left", "at the top", "at the top right"),
-    ("on the left", "in the center", "on the right"),
-    ("at the bottom left", "at the bottom", "at the bottom right"),
-)
+CENTRE_JITTER = 0.25  # the shape's centre moves by at most this share of the room it has
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges at 64 px
 
 
@@ -100,7 +98,6 @@ class Scene:
     label: int
     colour: str
     size: str
-    position: str
     background: str
 
     @property
@@ -220,11 +217,6 @@ def _background_colours(ink, rng: np.random.Generator):
     return c1, c2
 
 
-def _position_name(cx: float, cy: float, size: int) -> str:
-    column, row = min(int(3 * cx / size), 2), min(int(3 * cy / size), 2)
-    return POSITIONS[row][column]
-
-
 def draw_scene(rng: np.random.Generator, size: int, label: int | None = None):
     """Draw one scene; returns (RGB image, Scene). The label is random unless given."""
     label = int(rng.integers(len(CLASSNAMES))) if label is None else label
@@ -248,10 +240,11 @@ def draw_scene(rng: np.random.Generator, size: int, label: int | None = None):
             draw.line([x, y, x + length * math.cos(angle), y + length * math.sin(angle)], fill=tint)
 
     radius = rng.uniform(*SIZES[size_name]) * size / 2
-    cx, cy = rng.uniform(radius, size - radius, 2)
+    slack = (size / 2 - radius) * CENTRE_JITTER
+    cx, cy = size / 2 + rng.uniform(-slack, slack, 2)
     mask = _shape_mask(shape, (cx, cy), radius, _rotation(shape, rng), size)
     image.paste(tuple(int(v) for v in ink), (0, 0, size, size), mask)
-    return image, Scene(label, colour, size_name, _position_name(cx, cy, size), background)
+    return image, Scene(label, colour, size_name, background)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,11 +257,11 @@ def _with_article(words: str) -> str:
 # How often a caption is an eval template, and how often the others name each attribute. The
 # shape must dominate what tells captions apart: colour is far easier to see than shape, and a
 # tiny CLIP whose captions name colours often learns colour first and zero-shot (shape) late.
-MENTION = {"template": 0.5, "size": 0.4, "colour": 0.5, "position": 0.35, "background": 0.25}
+MENTION = {"template": 0.5, "size": 0.4, "colour": 0.5, "background": 0.25}
 
 
 def make_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption that always names the shape; colour, size, position, background sometimes."""
+    """A caption that always names the shape; colour, size, background sometimes."""
     if rng.random() < MENTION["template"]:
         return str(rng.choice(EVAL_TEMPLATES)).format(c=scene.shape)
     adjectives = []
@@ -279,8 +272,6 @@ def make_caption(scene: Scene, rng: np.random.Generator) -> str:
     words = " ".join(adjectives + [scene.shape])
     noun_phrase = f"the {words}" if rng.random() < 0.2 else _with_article(words)
     parts = [str(rng.choice(["", "a photo of ", "a drawing of ", "an image of ", "a picture of "])) + noun_phrase]
-    if rng.random() < MENTION["position"]:
-        parts.append(scene.position)
     if rng.random() < MENTION["background"]:
         parts.append(f"on {_with_article(scene.background)} background")
     return " ".join(parts) + ("." if rng.random() < 0.5 else "")
