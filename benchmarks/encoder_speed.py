@@ -6,9 +6,8 @@ baseline / variant: a 3x FLOP ratio with a 3x step-time ratio means the MACs sav
 saved ('realised' = time ratio / FLOP ratio = 1).
 
 Train = forward + backward (train mode: DTP samples its boundaries, at about its prior rate);
-infer = eval-mode forward without gradients. The models are untrained, so DTP also samples its
-boundaries in eval mode (`eval_sampling`): a trained predictor pools at about its prior, an
-untrained one thresholded at 0.5 would keep almost nothing. Peak memory is what a step needs
+infer = eval-mode forward without gradients; DTP's default eval rule keeps each image's expected
+boundary count, so the untrained models pool at their prior as a trained one does. Peak memory is what a step needs
 above the weights (activations, and in training the gradients: 'act' subtracts those).
 
     python benchmarks/encoder_speed.py [--batch-size 32] [--device cuda --precision bf16 --batch-size 256]
@@ -33,7 +32,7 @@ def measure(args) -> dict:
     steps, results = {}, {}
     for name in args.variants:
         torch.manual_seed(0)
-        tower = build_visual_tower(name, **({"eval_sampling": True} if name.startswith("dtp") else {}))
+        tower = build_visual_tower(name)
         steps[name] = TowerSteps(tower, args.batch_size, args.device, args.precision)
         grads_mb = sum(p.numel() * p.element_size() for p in tower.parameters()) / 2**20
         results[name] = {**steps[name].macs(train=True), **steps[name].macs(train=False), "grads_mb": grads_mb}

@@ -3,10 +3,8 @@
 One step = frozen tower forward, projector, tiny Llama forward + backward (projector trained),
 AdamW step: the stage-1 step of llava_bridge.align without DeepSpeed's engine, so the numbers
 are the model's compute. Both towers are fresh (no weights needed) and get the same LM, batch
-and captions. A fresh DTP predictor thresholds p > 0.5 at eval and, with its prior of 0.1,
-would close almost no segment; the DTP tower here samples its boundaries as in training
-(`eval_sampling`, what the reference implementation does at eval), so it keeps about the
-10x-compressed token count a trained one does. Steps are timed round-robin (dtpclip.measure),
+and captions. DTP's default eval rule keeps each image's expected boundary count, so the
+fresh DTP tower pools at its 10x prior as a trained one does. Steps are timed round-robin (dtpclip.measure),
 medians reported.
 
     OMP_NUM_THREADS=1 python benchmarks/llava_speed.py [--batch-size 16] [--repeats 5] [--device cuda]
@@ -23,7 +21,7 @@ from llava_bridge.model import LlavaModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TOWERS = {"ViT-B/32": ("plain_vit_base_patch32_224", {}),
-          "DTP-ViT-B/32 10x": ("dtp_vit_base_patch32_224_10x", {"eval_sampling": True})}
+          "DTP-ViT-B/32 10x": ("dtp_vit_base_patch32_224_10x", {})}
 
 
 def make_step(model, batch):

@@ -1,6 +1,7 @@
 """DTP-ViT's own pieces: segment pooling, the boundary predictor and its loss."""
 import math
 
+import pytest
 import torch
 
 from conftest import tiny
@@ -40,17 +41,32 @@ def test_boundary_loss_is_binomial_nll_per_token():
     assert abs(predictor.loss(boundaries).item() - sum(nll) / 2 / 4) < 1e-5
 
 
-def test_training_samples_boundaries_at_rate_p_and_eval_thresholds():
+def test_training_samples_boundaries_at_rate_p_and_each_eval_rule():
     predictor = BoundaryPredictor(4, 8, prior=0.3)
     x = torch.randn(256, 64, 4)
     with torch.no_grad():
         predictor.mlp[-1].weight.zero_()  # p = prior for every token
         train_ratio = predictor.train()(x).mean().item()
-        eval_out = predictor.eval()(x)
-        predictor.eval_sampling = True
+        expected = predictor.eval()(x)
+        predictor.eval_boundaries = "threshold"
+        thresholded = predictor(x)
+        predictor.eval_boundaries = "sample"
         sampled_ratio = predictor(x).mean().item()
     assert abs(train_ratio - 0.3) < 0.02 and abs(sampled_ratio - 0.3) < 0.02
-    assert eval_out.sum() == 0  # p = 0.3 < 0.5 everywhere: deterministic eval puts no boundary
+    assert thresholded.sum() == 0  # p = 0.3 < 0.5 everywhere: thresholding puts no boundary
+    assert (expected.sum(-1) == round(0.3 * 64)).all()  # the expected count, deterministically
+
+
+def test_expected_eval_rule_keeps_the_most_probable_and_equals_threshold_when_confident():
+    predictor = BoundaryPredictor(4, 8, prior=0.3).eval()
+    logits = torch.tensor([[4.0, -4.0, 4.0, -4.0], [0.4, -2.0, 0.2, -0.1]])
+    predictor.mlp = torch.nn.Identity()  # x -> logits, to set p directly
+    expected = predictor(logits[..., None])  # row 2: p = .60 .12 .55 .48, sum 1.75 -> 2 boundaries
+    predictor.eval_boundaries = "threshold"
+    assert torch.equal(expected[0], predictor(logits[:1, :, None])[0])
+    assert expected[1].tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="eval_boundaries must be one of"):
+        BoundaryPredictor(4, 8, prior=0.3, eval_boundaries="mean")
 
 
 def test_boundary_loss_moves_ratio_to_prior(images):

@@ -26,29 +26,44 @@ class BoundaryPredictor(nn.Module):
     """p = sigmoid(MLP(x)) per patch; hard boundaries by a Gumbel-sigmoid with straight-through.
 
     Training: soft ~ RelaxedBernoulli(temperature, p), hard = soft > threshold, and the returned
-    boundaries are hard in value with the gradient of soft. Eval: hard = p > threshold, or the
-    training-time sampling when `eval_sampling` (what the reference implementation does at eval).
+    boundaries are hard in value with the gradient of soft. Eval (`eval_boundaries`):
+      'expected'  each image keeps its round(sum p) most probable boundaries (the default);
+      'threshold' hard = p > threshold (DTP's rule for a converged predictor);
+      'sample'    the training-time sampling.
+    Why 'expected' by default: deterministic, it pools at the rate training did even while p is
+    still unsure, and equals 'threshold' once p is confident (0 or 1). Thresholding a predictor
+    that still sits near its prior (p = 0.25 < 0.5) keeps ~1 token per image: in the demo that
+    cost 5 points of zero-shot top-1 (13.2% vs 18.5% sampled, one checkpoint).
     The output bias starts at logit(prior) so an untrained model already pools at the target rate.
     """
 
+    EVAL_RULES = ("expected", "threshold", "sample")
+
     def __init__(self, dim: int, hidden_dim: int, prior: float, temperature: float = 0.5,
-                 threshold: float = 0.5, eval_sampling: bool = False):
+                 threshold: float = 0.5, eval_boundaries: str = "expected"):
         super().__init__()
         if not 0.0 < prior < 1.0:
             raise ValueError(f"compression (boundary prior) must be in (0, 1), got {prior}")
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
         nn.init.constant_(self.mlp[-1].bias, math.log(prior / (1.0 - prior)))
+        if eval_boundaries not in self.EVAL_RULES:
+            raise ValueError(f"eval_boundaries must be one of {self.EVAL_RULES}, got {eval_boundaries!r}")
         self.prior, self.temperature, self.threshold = prior, temperature, threshold
-        self.eval_sampling = eval_sampling
+        self.eval_boundaries = eval_boundaries
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, D] -> boundaries [B, L] in {0, 1}."""
         logits = self.mlp(x).squeeze(-1)
-        if self.training or self.eval_sampling:
+        if self.training or self.eval_boundaries == "sample":
             soft = RelaxedBernoulli(torch.tensor(self.temperature, device=x.device), logits=logits).rsample()
             hard = (soft > self.threshold).to(soft.dtype)
             return hard - soft.detach() + soft
-        return (torch.sigmoid(logits) > self.threshold).to(logits.dtype)
+        probs = torch.sigmoid(logits)
+        if self.eval_boundaries == "threshold":
+            return (probs > self.threshold).to(logits.dtype)
+        keep = probs.float().sum(-1, keepdim=True).round()  # [B, 1]
+        rank = probs.argsort(-1, descending=True).argsort(-1)  # 0 = most probable
+        return (rank < keep).to(logits.dtype)
 
     def loss(self, boundaries: torch.Tensor) -> torch.Tensor:
         """-log Binomial(L, prior)(number of boundaries) / L, averaged over images."""
@@ -91,7 +106,7 @@ class DTPViT(PlainViT):
     fresh_parameter_prefixes = ("boundary_predictor.",)
 
     def __init__(self, compression: float = 0.25, pre_layers: int = 2, temperature: float = 0.5,
-                 threshold: float = 0.5, eval_sampling: bool = False, predictor_hidden_dim=None,
+                 threshold: float = 0.5, eval_boundaries: str = "expected", predictor_hidden_dim=None,
                  token_packing: bool = True, global_pool: str = "avg", **kwargs):
         super().__init__(global_pool=global_pool, **kwargs)
         if not 0 < pre_layers < len(self.blocks):
@@ -100,7 +115,7 @@ class DTPViT(PlainViT):
         self.token_packing = token_packing
         hidden = predictor_hidden_dim or self.blocks[0].mlp.fc1.out_features
         self.boundary_predictor = BoundaryPredictor(
-            self.embed_dim, hidden, compression, temperature, threshold, eval_sampling)
+            self.embed_dim, hidden, compression, temperature, threshold, eval_boundaries)
 
     @property
     def shortened_layers(self) -> int:
