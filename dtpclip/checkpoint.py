@@ -1,4 +1,5 @@
 """Reading weights from disk without unpickling untrusted data, and loading CLIP weights into encoders."""
+import json
 from pathlib import Path
 from typing import Dict, Iterable
 
@@ -27,6 +28,7 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
 
 def load_checked(model: torch.nn.Module, state: Dict[str, torch.Tensor], path, fresh: Iterable[str] = ()) -> None:
     """Load `state` into `model`; only keys under the `fresh` prefixes may be missing. Errors name `path`."""
+    restore_quantization(model, path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
@@ -38,6 +40,20 @@ def load_checked(model: torch.nn.Module, state: Dict[str, torch.Tensor], path, f
             f"unexpected {_few(unexpected)}; expected an open_clip ViT CLIP checkpoint (or a dtpclip one) "
             "of the same size"
         )
+
+
+def restore_quantization(model: torch.nn.Module, path) -> None:
+    """A quantized checkpoint (dtpclip.quantize, or classify with --w-bits) records its quantization in
+    the config.json beside it; the quantized modules must exist before its state loads."""
+    from dtpclip.encoders.quant import apply_quant_config, quant_config
+    from dtpclip.evaluate import CONFIG_FILE
+
+    config = Path(path).parent / CONFIG_FILE
+    if not config.is_file():
+        return
+    quantization = json.loads(config.read_text()).get("quantization")
+    if quantization and quant_config(model) is None:
+        apply_quant_config(model, quantization)
 
 
 def _few(keys, n: int = 6) -> str:

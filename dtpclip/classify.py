@@ -6,6 +6,8 @@ Modes, one code path (`encode(images).pooled` -> timm's classifier head, `reset_
   finetune  encoder + head trained; the encoder at `--encoder-lr-scale` times the head's lr
   scratch   the same architecture with fresh weights, encoder + head trained at the same lr
 The encoder's aux loss (DTP's boundary loss, ...) is added to the cross-entropy when it trains.
+With `--teacher` (finetune / scratch) a frozen classifier teacher adds DKD or logit KD (and optionally
+block-feature KD) terms: VQ-ViT's recipe is `--distill dkd` with alpha 0.5, beta 1.5, T 1, weight 4.
 AdamW with a cosine schedule over the epochs; top-1 / top-5 / mean per-class recall every epoch.
 
     python -m dtpclip.classify                      # linear probe of the latest demo checkpoint on demo data
@@ -31,9 +33,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from tqdm import tqdm
 
 from dtpclip.cli import make_parser, parse_args
+from dtpclip.encoders.quant import SCOPES, quant_config, quantize_model
 from dtpclip.evalsets import load_eval_set
 from dtpclip.evaluate import (ClassificationMeter, check_labels, demo_eval_dir, latest_demo_checkpoint,
                               model_name, registry_name, resolve_checkpoint, write_json)
+from dtpclip.losses import FEATURE_LOSSES, LOGIT_LOSSES, Distiller, load_teacher
 from dtpclip.registry import create_encoder
 
 MODES = ("linear", "finetune", "scratch")
@@ -66,6 +70,14 @@ def logits_of(encoder: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, t
     """(logits [B, K], the encoder's aux loss) through the encoder contract and timm's head."""
     out = encoder.encode(images)
     return encoder.get_classifier()(out.pooled), out.aux_loss
+
+
+def distilled_logits(encoder: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                     distiller: Distiller) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    """`logits_of` plus the named distillation terms against the distiller's teacher."""
+    with distiller.capture(encoder) as features:
+        logits, aux = logits_of(encoder, images)
+    return logits, aux, distiller(images, logits, targets, features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,11 +171,13 @@ def _evaluate(predict: Callable, batches, num_classes: int, source: str) -> Dict
 def train_classifier(encoder: nn.Module, train_data: Dataset, val_data: Dataset, num_classes: int,
                      mode: str = "linear", epochs: int = 10, lr: float = 1e-3, weight_decay: float = 0.0,
                      encoder_lr_scale: float = 0.1, batch_size: int = 128, workers: int = 0, device="cpu",
-                     seed: int = 0, train_name: str = "train data", val_name: str = "val data") -> List[dict]:
+                     seed: int = 0, train_name: str = "train data", val_name: str = "val data",
+                     distiller: Optional[Distiller] = None) -> List[dict]:
     """Train `encoder`'s head (linear) or encoder + head (finetune / scratch) in place.
 
     train_data / val_data yield (image tensor, class index). Returns one dict per epoch:
-    epoch, lr, train_loss, top1, top5, mean_per_class_recall, n, seconds.
+    epoch, lr, train_loss, top1, top5, mean_per_class_recall, n, seconds; with a `distiller`
+    (finetune / scratch: its terms join the loss) also distill_loss, their weighted sum per sample.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -172,8 +186,12 @@ def train_classifier(encoder: nn.Module, train_data: Dataset, val_data: Dataset,
     if getattr(encoder, "num_classes", None) != num_classes:
         raise ValueError(f"the encoder's head has {getattr(encoder, 'num_classes', None)} classes, the data "
                          f"{num_classes}; call encoder.reset_classifier({num_classes}) (build_classifier does)")
+    if distiller is not None and mode == "linear":
+        raise ValueError("distillation trains the encoder: use --mode finetune or scratch, not linear")
     torch.manual_seed(seed)
     encoder.to(device)
+    if distiller is not None:
+        distiller.to(device)
     head = encoder.get_classifier()
     frozen = mode == "linear"
     if frozen:
@@ -197,7 +215,7 @@ def train_classifier(encoder: nn.Module, train_data: Dataset, val_data: Dataset,
 
     history = []
     for epoch in tqdm(range(1, epochs + 1), desc=f"{mode} epochs", unit="epoch"):
-        start, total, count = time.perf_counter(), 0.0, 0
+        start, total, count, distill_total = time.perf_counter(), 0.0, 0, 0.0
         current_lr = optimizer.param_groups[0]["lr"]
         if frozen:
             batches = DataLoader(feature_set, batch_size=batch_size, shuffle=True,
@@ -208,15 +226,19 @@ def train_classifier(encoder: nn.Module, train_data: Dataset, val_data: Dataset,
                            unit="batch", leave=False)
         for inputs, targets in batches:
             targets = check_labels(torch.as_tensor(targets).long().to(device), num_classes, train_name)
+            distill = {}
             if frozen:
                 logits, aux = head(inputs.to(device)), 0.0
+            elif distiller is not None:
+                logits, aux, distill = distilled_logits(encoder, inputs.to(device), targets, distiller)
             else:
                 logits, aux = logits_of(encoder, inputs.to(device))
-            loss = F.cross_entropy(logits.float(), targets) + aux
+            loss = F.cross_entropy(logits.float(), targets) + aux + sum(distill.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, count = total + float(loss.detach()) * len(targets), count + len(targets)
+            distill_total += float(sum(v.detach() for v in distill.values())) * len(targets)
         schedule.step()
         if count == 0:
             raise ValueError(f"{train_name} has no samples (expected labelled images)")
@@ -229,6 +251,7 @@ def train_classifier(encoder: nn.Module, train_data: Dataset, val_data: Dataset,
                            _loader(val_data, batch_size, False, workers))
             metrics = _evaluate(lambda x: logits_of(encoder, x)[0], val_batches, num_classes, val_name)
         history.append({"epoch": epoch, "lr": current_lr, "train_loss": total / count, **metrics,
+                        **({"distill_loss": distill_total / count} if distiller is not None else {}),
                         "seconds": time.perf_counter() - start})
         tqdm.write(f"epoch {epoch}: loss {total / count:.4f} top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}")
     encoder.eval()
@@ -264,7 +287,40 @@ def make_arg_parser():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--seed", type=int, default=0, help="head init, shuffling and the train/val split")
     parser.add_argument("--output", default=None, help="write the result (with per-epoch metrics) as JSON to this file")
+    parser.add_argument("--w-bits", type=int, default=None,
+                        help="LSQ quantization-aware training: weight bits of the encoder's blocks; None: float")
+    parser.add_argument("--a-bits", type=int, default=None, help="LSQ: activation bits; None: float")
+    parser.add_argument("--quant-scope", default="linear", choices=SCOPES,
+                        help="LSQ: the blocks' Linears, or also attention (q, k, v, probabilities)")
+    parser.add_argument("--save", default=None, help="write the trained encoder + head as a checkpoint directory "
+                        "(model.safetensors + config.json): a --checkpoint or teacher for the next KD step")
+    parser.add_argument("--teacher", default=None, help="distil from this classifier (registry or open_clip name; "
+                        "None with --teacher-checkpoint: the name in its config.json); finetune / scratch only")
+    parser.add_argument("--teacher-checkpoint", default=None, help="the teacher's weights, head included (file, "
+                        "dtpclip checkpoint directory or run directory; quantized ones load quantized)")
+    parser.add_argument("--distill", default="dkd", choices=LOGIT_LOSSES, help="logit distillation with a teacher")
+    parser.add_argument("--distill-weight", type=float, default=4.0, help="weight of the logit distillation term")
+    parser.add_argument("--dkd-alpha", type=float, default=0.5, help="DKD weight of the target-class part (TCKD)")
+    parser.add_argument("--dkd-beta", type=float, default=1.5, help="DKD weight of the non-target part (NCKD)")
+    parser.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of KD / DKD")
+    parser.add_argument("--feature-distill", default=None, choices=FEATURE_LOSSES,
+                        help="also distil block outputs (summed over blocks; same depth, width and tokens)")
+    parser.add_argument("--feature-distill-weight", type=float, default=1.0, help="weight of the feature term")
     return parser
+
+
+def build_distiller(args, num_classes: int, encoder: nn.Module) -> Optional[Distiller]:
+    """The `--teacher` options as a Distiller (None without a teacher); the teacher must see the same images."""
+    if args.teacher is None and args.teacher_checkpoint is None:
+        return None
+    if args.teacher_checkpoint is None:
+        raise ValueError(f"--teacher {args.teacher!r} needs --teacher-checkpoint: a trained classifier's weights")
+    teacher = load_teacher(args.teacher, args.teacher_checkpoint, num_classes)
+    if teacher.pretrained_cfg.get("input_size") != encoder.pretrained_cfg.get("input_size"):
+        raise ValueError(f"the teacher takes {teacher.pretrained_cfg.get('input_size')} images, the student "
+                         f"{encoder.pretrained_cfg.get('input_size')}; expected the same input size")
+    return Distiller(teacher, args.distill, args.distill_weight, args.dkd_alpha, args.dkd_beta, args.kd_temperature,
+                     args.feature_distill, args.feature_distill_weight)
 
 
 def _data_dir(path: Optional[str], flag: str) -> Path:
@@ -309,25 +365,35 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)
     encoder = build_encoder(name, args.mode, weights)
+    if args.w_bits is not None or args.a_bits is not None:  # LSQ QAT: the KD chain's 4-bit / 2-bit steps
+        quantize_model(encoder, args.w_bits, args.a_bits, args.quant_scope)
     train_tf, eval_tf = transforms_for(encoder)
     if args.mode == "linear":
         train_tf = eval_tf  # features are computed once: no augmentation
     train, val, classnames = load_datasets(train_path, val_path, train_tf, eval_tf, train_split,
                                            args.val_split, args.val_fraction, args.seed)
     encoder.reset_classifier(len(classnames))
+    distiller = build_distiller(args, len(classnames), encoder)
     start, lr = time.perf_counter(), args.lr or DEFAULT_LR[args.mode]
     history = train_classifier(
         encoder, train, val, len(classnames), args.mode, args.epochs, lr, args.weight_decay,
         args.encoder_lr_scale, args.batch_size, args.workers, args.device, args.seed,
         train_name=f"--train-data {str(train_path)!r}",
-        val_name=f"--val-data {str(val_path)!r}" if val_path else f"the held-out part of {str(train_path)!r}")
+        val_name=f"--val-data {str(val_path)!r}" if val_path else f"the held-out part of {str(train_path)!r}",
+        distiller=distiller)
     result = {
         "model": name, "mode": args.mode, "checkpoint": None if weights is None else str(weights),
         "train_data": str(train_path), "val_data": str(val_path) if val_path else f"{args.val_fraction} of train_data",
         "classes": len(classnames), "lr": lr, "epochs": history,
+        "teacher": None if distiller is None else {"model": args.teacher, "checkpoint": args.teacher_checkpoint,
+                                                   "distill": args.distill, "feature_distill": args.feature_distill},
         **{k: history[-1][k] for k in ("top1", "top5", "mean_per_class_recall")},
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - start, "quantization": quant_config(encoder),
     }
+    if args.save:
+        from dtpclip.quantize import save_checkpoint_dir
+        result["saved"] = str(save_checkpoint_dir(encoder, args.save, {
+            "model": name, "quantization": quant_config(encoder), "classes": len(classnames)}))
     print(json.dumps({k: v for k, v in result.items() if k != "epochs"}, indent=2))
     if args.output:
         write_json(args.output, result)

@@ -1,0 +1,242 @@
+"""Low-bit fake quantization of registry ViTs: LSQ quantization-aware training and the shared patch layer.
+
+LSQ: Esser et al. 2020, "Learned Step Size Quantization" (ICLR 2020, arXiv 1902.08153). A value v
+is quantized as v_hat = round(clamp(v / s, -Qn, Qp)) * s with a learned step s; the rounding
+passes gradients straight through, so ds follows the paper's Eq. 3 (-v/s + round(v/s) inside the
+range, -Qn or Qp outside), times the gradient scale g = 1 / sqrt(N * Qp) (N: the weight's number
+of elements, or the number of features per token for activations). s starts at
+2 * mean(|v|) / sqrt(Qp) on the first batch it sees. LSQ+ (Bhalgat et al. 2020, arXiv 2004.09576)
+adds a learned offset beta: v_hat = round(clamp((v - beta) / s, -Qn, Qp)) * s + beta, started
+from the first batch's min / max. Reference implementations read: the paper's pseudo-code (its
+Fig. 2), github.com/zhutmost/lsq-net.
+
+The patch layer (ToMe style: swap module classes in place, keep the encoder's weights and names):
+every `nn.Linear` inside the transformer blocks becomes a `QuantLinear` (weights + input
+activations quantized), and with scope 'linear+attn' every attention module also quantizes q, k,
+v and the post-softmax probabilities (unsigned: the summary seed found (0, 1, 2) better than
+(-1, 0, 1) for attention). The patch embedding (first layer), DTP's boundary predictor, the final
+norm and the head / CLIP projection (last layer) stay in float, as is conventional (LSQ keeps
+first and last layers at 8 bits; float is the stricter-accuracy choice and the one the PTQ
+literature, RepQ-ViT included, reports). The same patch covers PlainViT, ViT-Lite, DTP-ViT (its
+padded and packed paths run the same blocks) and ToMe-patched ViTs (apply ToMe first).
+`dtpclip.encoders.ptq` reuses this layer with RepQ-style post-training quantizers.
+"""
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from dtpclip.encoders.merge import _with_log_size
+
+SCOPES = ("linear", "linear+attn")
+
+
+def round_pass(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (the straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x forward, its gradient times `scale` backward (LSQ's g)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def quant_range(bits: int, signed: bool, symmetric: bool = True) -> Tuple[int, int]:
+    """(Qn, Qp): signed symmetric [-(2^(b-1) - 1), 2^(b-1) - 1] (2 bits: ternary {-1, 0, 1}),
+    signed asymmetric [-2^(b-1), 2^(b-1) - 1] (the LSQ paper's), unsigned [0, 2^b - 1]."""
+    if bits < 2:
+        raise ValueError(f"bit width must be at least 2, got {bits}")
+    if not signed:
+        return 0, 2 ** bits - 1
+    half = 2 ** (bits - 1)
+    return (half - 1 if symmetric else half), half - 1
+
+
+class LSQQuantizer(nn.Module):
+    """Per-tensor LSQ (or LSQ+ with `learned_offset`) fake quantizer; see the module docstring.
+
+    grad_elements: N of g = 1 / sqrt(N * Qp); None: the number of elements of the first input
+    (weights) -- activation quantizers pass the features per token.
+    """
+
+    def __init__(self, bits: int, signed: bool = True, symmetric: bool = True, learned_offset: bool = False,
+                 grad_elements: Optional[int] = None):
+        super().__init__()
+        self.bits, self.signed, self.symmetric, self.learned_offset = bits, signed, symmetric, learned_offset
+        self.qn, self.qp = quant_range(bits, signed, symmetric)
+        self.grad_elements = grad_elements
+        self.step = nn.Parameter(torch.tensor(1.0))
+        self.offset = nn.Parameter(torch.tensor(0.0)) if learned_offset else None
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, v: torch.Tensor) -> None:
+        """LSQ: s = 2 mean|v| / sqrt(Qp); LSQ+: s and beta so that [min, max] of v is the range."""
+        if self.learned_offset:
+            low, high = v.min(), v.max()
+            step = ((high - low) / (self.qn + self.qp)).clamp_min(1e-8)
+            self.offset.copy_(low + self.qn * step)
+        else:
+            step = (2 * v.abs().mean() / math.sqrt(self.qp)).clamp_min(1e-8)
+        self.step.copy_(step)
+        self.initialized.fill_(True)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if not self.initialized:
+            self.initialize(v)
+        n = self.grad_elements or v.numel()
+        s = grad_scale(self.step, 1.0 / math.sqrt(n * self.qp))
+        beta = 0.0 if self.offset is None else grad_scale(self.offset, 1.0 / math.sqrt(n * self.qp))
+        return round_pass(((v - beta) / s).clamp(-self.qn, self.qp)) * s + beta
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, range=[-{self.qn}, {self.qp}], learned_offset={self.learned_offset}"
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with `weight_quant` on its weight and `input_quant` on its input (made by class swap)."""
+
+    weight_quant: nn.Module
+    input_quant: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+def quantize_linear(linear: nn.Linear, weight_quant: nn.Module, input_quant: nn.Module) -> QuantLinear:
+    """Turn `linear` into a QuantLinear in place (same parameters, same name in the state dict)."""
+    linear.__class__ = QuantLinear
+    linear.weight_quant, linear.input_quant = weight_quant, input_quant
+    return linear
+
+
+class QuantAttentionMixin:
+    """Mixed in before a timm Attention class (or ToMe's): explicit attention with quantized q, k, v and
+    post-softmax probabilities (`q_quant`, `k_quant`, `v_quant`, `attn_quant`), the rest as timm's.
+
+    ToMe's `size` (proportional attention) and `return_metric` are honoured when the base class is
+    ToMe's attention, so merging and quantization stack.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                **tome_kwargs):
+        if is_causal:
+            raise NotImplementedError("quantized attention is bidirectional (ViT); is_causal=True is not supported")
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        size = tome_kwargs.get("size")
+        if size is not None:
+            attn_mask = _with_log_size(attn_mask, size, q.dtype)
+        attn = (self.q_quant(q) * self.scale) @ self.k_quant(k).transpose(-2, -1)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros_like(attn_mask, dtype=attn.dtype).masked_fill_(~attn_mask, float("-inf"))
+            attn = attn + attn_mask
+        attn = self.attn_drop(self.attn_quant(attn.softmax(dim=-1)))
+        out = (attn @ self.v_quant(v)).transpose(1, 2).reshape(B, N, self.attn_dim)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        out = self.proj_drop(self.proj(out))
+        return (out, k.mean(1)) if tome_kwargs.get("return_metric") else out
+
+
+_QUANT_CLASSES: dict = {}
+
+
+def _quant_attention_class(cls: type) -> type:
+    if issubclass(cls, QuantAttentionMixin):
+        return cls
+    if cls not in _QUANT_CLASSES:
+        _QUANT_CLASSES[cls] = type(f"Quant{cls.__name__}", (QuantAttentionMixin, cls), {"_quant_base": cls})
+    return _QUANT_CLASSES[cls]
+
+
+def quantize_attention(attn: nn.Module, q_quant: nn.Module, k_quant: nn.Module, v_quant: nn.Module,
+                       attn_quant: nn.Module) -> nn.Module:
+    """Swap a timm / ToMe attention module's class for its quantized one and attach the quantizers."""
+    attn.__class__ = _quant_attention_class(type(attn))
+    attn.q_quant, attn.k_quant, attn.v_quant, attn.attn_quant = q_quant, k_quant, v_quant, attn_quant
+    return attn
+
+
+def find_encoder(model: nn.Module) -> VisionTransformer:
+    """The timm ViT to quantize: the model itself, or the visual trunk of a dtpclip CLIP / TimmModel."""
+    candidates = [model, getattr(model, "trunk", None), getattr(getattr(model, "visual", None), "trunk", None)]
+    vit = next((m for m in candidates if isinstance(m, VisionTransformer)), None)
+    if vit is None:
+        raise TypeError(f"quantization patches a timm VisionTransformer (a registry ViT or the visual trunk of a "
+                        f"dtpclip CLIP); got {type(model).__name__}")
+    return vit
+
+
+def block_linears(block: nn.Module):
+    """(name, module) of the nn.Linear layers of a transformer block (QuantLinear included)."""
+    return [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+
+
+def patch_blocks(vit: VisionTransformer, make_linear_quants: Callable, make_attn_quants: Optional[Callable]):
+    """Quantize every block's Linears (`make_linear_quants(name, linear) -> (weight_quant, input_quant)`)
+    and, when `make_attn_quants(attn)` is given, its attention (-> q, k, v, attn quantizers)."""
+    if getattr(vit, "_quant_config", None) is not None:
+        raise ValueError(f"{type(vit).__name__} is already quantized ({vit._quant_config}); build a fresh model")
+    for block in vit.blocks:
+        for name, linear in block_linears(block):
+            quantize_linear(linear, *make_linear_quants(name, linear))
+        if make_attn_quants is not None:
+            quantize_attention(block.attn, *make_attn_quants(block.attn))
+
+
+def quantize_model(model: nn.Module, w_bits: Optional[int], a_bits: Optional[int], scope: str = "linear",
+                   symmetric: bool = True, learned_offset: bool = False) -> nn.Module:
+    """LSQ quantization-aware training patch, in place; returns `model`.
+
+    Weights: signed, per tensor; activations entering Linears, q, k, v: signed; attention
+    probabilities: unsigned. None bits leave weights (or activations) float: the summary seed's
+    weight-only and activation-only runs. symmetric: 2 bits is ternary; learned_offset: LSQ+. The
+    step sizes are parameters (train them with the rest); they initialise on the first forward, so
+    run one batch of real data before evaluating an untrained model.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"quantization scope must be one of {SCOPES}, got {scope!r}")
+    if w_bits is None and a_bits is None:
+        raise ValueError("quantize_model needs w_bits or a_bits (or both)")
+    vit = find_encoder(model)
+
+    def act(dim: int, signed: bool = True) -> nn.Module:
+        return nn.Identity() if a_bits is None else LSQQuantizer(a_bits, signed, symmetric, learned_offset, dim)
+
+    def linear_quants(name, linear):
+        weight = nn.Identity() if w_bits is None else LSQQuantizer(w_bits, True, symmetric, learned_offset)
+        return weight, act(linear.in_features)
+
+    def attn_quants(attn):
+        return act(attn.head_dim), act(attn.head_dim), act(attn.head_dim), act(attn.head_dim, signed=False)
+
+    patch_blocks(vit, linear_quants, attn_quants if scope == "linear+attn" else None)
+    vit._quant_config = dict(method="lsq", w_bits=w_bits, a_bits=a_bits, scope=scope, symmetric=symmetric,
+                             learned_offset=learned_offset)
+    return model
+
+
+def quant_config(model: nn.Module) -> Optional[dict]:
+    """What `apply_quant_config` needs to rebuild the quantized structure of `model` (None: float)."""
+    return getattr(find_encoder(model), "_quant_config", None)
+
+
+def apply_quant_config(model: nn.Module, config: dict) -> nn.Module:
+    """Rebuild a saved quantized structure (LSQ or RepQ/QwT) on a fresh model, so its state loads."""
+    method = config.get("method")
+    if method == "lsq":
+        keys = ("w_bits", "a_bits", "scope", "symmetric", "learned_offset")
+        return quantize_model(model, **{k: config[k] for k in keys if k in config})
+    if method == "repq":
+        from dtpclip.encoders.ptq import restore_ptq
+        return restore_ptq(model, config)
+    raise ValueError(f"unknown quantization method {method!r} in a checkpoint config; expected 'lsq' or 'repq'")

@@ -1,0 +1,206 @@
+"""RepQ-style PTQ and QwT: scale folding is exact, log-sqrt(2) values, QwT lowers the error, stacking, the CLI."""
+import copy
+import json
+
+import open_clip
+import pytest
+import timm
+import torch
+from conftest import tiny
+from test_zeroshot import make_wds, saved_clip
+
+from dtpclip import quantize, zeroshot
+from dtpclip.clip import create_clip_and_transforms
+from dtpclip.encoders.merge import apply_tome, merged_token_counts
+from dtpclip.encoders.ptq import (LogSqrt2Quantizer, UniformQuantizer, _fake_quant, apply_ptq, apply_qwt,
+                                  fit_compensation, fold_scales)
+from dtpclip.encoders.quant import apply_quant_config, quant_config
+from dtpclip.evaluate import resolve_checkpoint
+from dtpclip.registry import create_encoder
+from dtpclip.zeroshot import run_zero_shot
+
+
+def calib(n: int = 16, seed: int = 2):
+    return [torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))]
+
+
+def relative_error(a, b) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def _norm_linear(seed: int = 0):
+    torch.manual_seed(seed)
+    norm, linear = torch.nn.LayerNorm(8), torch.nn.Linear(8, 5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.normal_()
+    scale = torch.rand(8) * 0.2 + 0.01
+    zero_point = torch.randint(0, 16, (8,)).float()
+    return norm, linear, scale, zero_point
+
+
+def test_repq_scale_folding_is_exact_in_float():
+    norm, linear, scale, zero_point = _norm_linear()
+    x = torch.randn(20, 8)
+    before = linear(norm(x))
+    fold_scales(norm, linear, scale, zero_point)
+    assert torch.allclose(linear(norm(x)), before, atol=1e-5)
+
+
+def test_repq_folded_per_tensor_quantizer_equals_per_channel_one():
+    norm, linear, scale, zero_point = _norm_linear(1)
+    x = torch.randn(50, 8) * 3
+    per_channel = linear(_fake_quant(norm(x), scale, zero_point, 4))
+    target_scale, target_zp = fold_scales(norm, linear, scale, zero_point)
+    assert target_scale.dim() == 0 and target_zp == target_zp.round()
+    per_tensor = linear(_fake_quant(norm(x), target_scale, target_zp, 4))
+    assert torch.allclose(per_tensor, per_channel, atol=1e-4)
+
+
+def test_log_sqrt2_quantizer_on_known_values():
+    x = torch.tensor([1.0, 0.5, 2 ** -0.5, 0.3, 2 ** -7.5, 2 ** -9, 0.0])
+    out = LogSqrt2Quantizer.quantize(x, torch.tensor(1.0), bits=4)
+    # levels round(-2 log2 x): 0, 2, 1, 3, 15 (the last of 4 bits), 18 (past the range -> 0), inf -> 0
+    expected = [1.0, 0.5, 2 ** -0.5, 2 ** -1.5, 2 ** -7.5, 0.0, 0.0]
+    assert out.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_uniform_weight_quantizer_is_per_output_channel():
+    """Rows that are multiples of one another get proportional scales: one range per output channel."""
+    factors = torch.arange(1, 7).float()
+    weight = factors[:, None] * torch.linspace(-1.0, 0.6, 10)[None]
+    quant = UniformQuantizer(4, per_channel=True, channel_dim=0, channels=6)
+    quant.calibrate(weight)
+    assert quant.scale.shape == (6,) and torch.allclose(quant.scale, quant.scale[0] * factors, rtol=1e-4)
+    levels = (quant(weight) / quant.scale[:, None]).round() + quant.zero_point[:, None]
+    assert levels.min() >= 0 and levels.max() <= 15
+
+
+def test_fit_compensation_recovers_a_linear_map_and_zeroes_when_r2_not_positive():
+    x = torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
+    true_w, true_b = torch.randn(4, 3), torch.randn(3)
+    w, b, r2 = fit_compensation(x, x @ true_w + true_b)
+    assert r2 > 0.999 and torch.allclose(w, true_w, atol=1e-4) and torch.allclose(b, true_b, atol=1e-4)
+    x = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]])
+    y = torch.tensor([[1.0], [1.0], [-1.0], [-1.0]])  # uncorrelated with x and with the ones column
+    w, b, r2 = fit_compensation(x, y)
+    assert r2 <= 0 and not w.any() and not b.any()
+
+
+def test_ptq_w8a8_close_to_float_and_w4a4_worse(images):
+    reference = tiny().encode(images).pooled
+    w8 = apply_ptq(tiny(), 8, 8, calib())
+    w4 = apply_ptq(tiny(), 4, 4, calib())
+    e8, e4 = relative_error(w8.encode(images).pooled, reference), relative_error(w4.encode(images).pooled, reference)
+    assert e8 < 0.02 and e4 > e8
+
+
+def _pre_norm_features(model, images):
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    return model.blocks(x)
+
+
+def test_qwt_lowers_block_output_error_against_plain_ptq():
+    images = calib()
+    float_model = tiny()
+    reference = _pre_norm_features(float_model, images[0])
+    ptq = apply_ptq(tiny(), 4, 4, images)
+    qwt = copy.deepcopy(ptq)
+    r2s = apply_qwt(qwt, images)
+    assert len(r2s) == len(qwt.blocks) and qwt._quant_config["qwt"]
+    with torch.no_grad():
+        plain_error = relative_error(_pre_norm_features(ptq, images[0]), reference)
+        qwt_error = relative_error(_pre_norm_features(qwt, images[0]), reference)
+        held_out = calib(seed=7)[0]
+        held_reference = _pre_norm_features(float_model, held_out)
+        assert relative_error(_pre_norm_features(qwt, held_out), held_reference) < relative_error(
+            _pre_norm_features(ptq, held_out), held_reference)
+    assert qwt_error < plain_error
+
+
+def test_tome_plus_ptq_runs_with_fewer_tokens_and_refuses_qwt(images):
+    model = tiny()
+    apply_tome(model, r=4)
+    merged = apply_ptq(model, 4, 4, calib())
+    out = merged.encode(images)
+    assert out.tokens.shape == (3, merged_token_counts(merged)[-1], 32) and out.tokens.shape[1] < 65
+    assert torch.isfinite(out.tokens).all()
+    with pytest.raises(ValueError, match="must keep its tokens"):
+        apply_qwt(merged, calib())
+
+
+def test_dtp_vit_ptq_with_qwt_builds_and_runs(images):
+    """Calibration batches of different token counts (packed rows of 53 and 36 tokens here) are fine."""
+    model = apply_ptq(tiny("dtp_vit_tiny_patch8_64_4x"), 4, 4, calib(8) + calib(2, seed=3), qwt=True)
+    out = model.encode(images)
+    assert out.tokens.shape[0] == 3 and out.tokens.shape[2] == 32 and torch.isfinite(out.tokens).all()
+
+
+def test_quantize_cli_checkpoint_reads_back_identically(tmp_path_factory, tmp_path):
+    name = "PlainViT-Ti-8-64"
+    _, path = saved_clip(tmp_path_factory, name, "clip.safetensors")
+    data = make_wds(tmp_path / "evalset", [i % 3 for i in range(9)])
+    out = tmp_path / "w4a4"
+    result = quantize.main(["--model", name, "--checkpoint", str(path), "--calib-data", str(data),
+                            "--calib-images", "8", "--qwt", "--out", str(out)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == name and config["quantization"] == {"method": "repq", "w_bits": 4, "a_bits": 4,
+                                                                   "qwt": True}
+    assert result["calib_images"] == 8
+
+    # the same quantization in memory (same images, deterministic calibration)
+    expected, _, preprocess = create_clip_and_transforms(name, pretrained=str(path))
+    images = quantize.calibration_images(data, preprocess, 8)
+    apply_ptq(expected.visual.trunk, 4, 4, list(images.split(16)), qwt=True)
+    weights, saved_name = resolve_checkpoint(out)
+    loaded = create_clip_and_transforms(saved_name, pretrained=str(weights))[0].eval()  # zeroshot's loader
+    probe = images[:4]
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(probe), expected.eval().encode_image(probe))
+        float_clip = create_clip_and_transforms(name, pretrained=str(path))[0].eval()
+        assert not torch.allclose(float_clip.encode_image(probe), loaded.encode_image(probe))
+        encoder = create_encoder("plain_vit_tiny_patch8_64", checkpoint=weights)  # classify's / profile's loader
+        assert torch.equal(encoder.eval().encode(probe).pooled, loaded.visual.trunk.encode(probe).pooled)
+
+    top1 = zeroshot.main(["--checkpoint", str(out), "--data", str(data), "--workers", "0"])["top1"]
+    assert top1 == run_zero_shot(expected, open_clip.get_tokenizer(name), data)["top1"]
+
+
+def test_quantize_cli_bad_inputs_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("DTPCLIP_RUNS_DIR", str(tmp_path / "runs"))
+    with pytest.raises(FileNotFoundError, match="no demo checkpoint.*clip_pretrain"):
+        quantize.main([])
+    with pytest.raises(ValueError, match="--calib-images must be at least 1"):
+        quantize.calibration_images(tmp_path, lambda image: image, 0)
+
+
+def test_calibration_images_from_train_shards_and_an_eval_set(small_demo):
+    from open_clip.transform import image_transform
+
+    preprocess = image_transform(64, is_train=False)
+    shards = quantize.calibration_images(small_demo.root / "train", preprocess, 5)
+    evalset = quantize.calibration_images(small_demo.eval_dir, preprocess, 5)
+    assert shards.shape == evalset.shape == (5, 3, 64, 64)
+    assert torch.equal(evalset, quantize.calibration_images(small_demo.eval_dir, preprocess, 5))  # seeded
+    assert not torch.equal(evalset, quantize.calibration_images(small_demo.eval_dir, preprocess, 5, seed=1))
+
+
+def test_vit_lite_ptq_is_close_at_w8a8_and_its_state_restores_exactly():
+    """ViT-Lite's norm2 feeds the residual, so only norm1 is folded; its bias-free qkv gains a bias."""
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model = timm.create_model("vit_6_4_32", depth=2).eval()
+    reference = model(images)
+    norm2 = model.blocks[0].norm2.weight.clone()
+    apply_ptq(model, 8, 8, [images], qwt=True)
+    assert torch.equal(model.blocks[0].norm2.weight, norm2) and model.blocks[0].attn.qkv.bias is not None
+    assert relative_error(model(images), reference) < 0.05
+    fresh = apply_quant_config(timm.create_model("vit_6_4_32", depth=2).eval(), quant_config(model))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(fresh(images), model(images))
+
+
+def test_default_out_stays_outside_the_step_directories_training_prunes(tmp_path):
+    run = tmp_path / "run"
+    assert quantize.default_out(run / "step_5" / "model.safetensors", "quantized_w4a4") == run / "quantized_w4a4_step_5"
+    assert quantize.default_out(run / "clip.safetensors", "quantized_w8a8") == run / "quantized_w8a8_clip"
