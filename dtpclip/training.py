@@ -27,6 +27,7 @@ from dtpclip import checkpointing
 from dtpclip.clip import create_clip_and_transforms, encode_image
 from dtpclip.data import make_train_loader
 from dtpclip.evaluate import default_demo_run_dir
+from dtpclip.losses import clip_distill_loss
 from dtpclip.measure import peak_resident_bytes
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,11 @@ class TrainConfig:
     grad_clip: Optional[float] = _f(1.0, "clip the gradient norm to this (none: no clipping)")
     precision: str = _f("auto", "fp32, bf16 or auto (bf16 where supported on GPU, fp32 on CPU)",
                         choices=("auto", "fp32", "bf16"))
-    aux_loss_weight: float = _f(1.0, "weight of the encoder's aux loss (DTP: boundary loss)")
+    aux_loss_weight: float = _f(1.0, "weight of the encoder's aux loss (DTP: boundary loss; VQ-ViT: dict loss)")
+    teacher: Optional[str] = _f(None, "distil from this CLIP checkpoint (file, checkpoint dir or run dir): KD on "
+                                      "the in-batch image-text logits")
+    distill_weight: float = _f(1.0, "weight of the distillation loss (with --teacher)")
+    distill_temperature: float = _f(1.0, "KD temperature on the logits (with --teacher)")
     grad_checkpointing: bool = _f(False, "recompute activations in backward")
     compile: bool = _f(False, "torch.compile the model")
     lock_image: bool = _f(False, "freeze the visual tower")
@@ -84,6 +89,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
             continue
         (no_decay if param.ndim < 2 or any(n in name for n in no_decay_names) else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_clip_teacher(path: str, context_length: int, device) -> nn.Module:
+    """A frozen CLIP from a checkpoint whose config names its model; it must read the same token ids."""
+    from dtpclip.evaluate import model_name, resolve_checkpoint
+
+    weights, saved = resolve_checkpoint(path)
+    teacher, _, _ = create_clip_and_transforms(model_name(None, saved, path), pretrained=str(weights))
+    if teacher.context_length != context_length:
+        raise ValueError(f"teacher {path!r} reads {teacher.context_length} text tokens, the student "
+                         f"{context_length}: distillation needs one tokenization")
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 class ContrastiveModel(nn.Module):
@@ -162,6 +179,7 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = loader.num_batches // cfg.grad_accum_steps
     total_steps = steps_per_epoch * cfg.epochs
     model = ContrastiveModel(clip)
+    teacher = load_clip_teacher(cfg.teacher, clip.context_length, accelerator.device) if cfg.teacher else None
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
@@ -209,10 +227,10 @@ def train(cfg: TrainConfig) -> dict:
             images, texts = images.to(accelerator.device), texts.to(accelerator.device)
             window.data_time += time.perf_counter() - end
             with accelerator.accumulate(model):
-                contrastive, aux_loss, stats = contrastive_step(model, loss_fn, images, texts, cfg, accelerator)
+                terms, stats = contrastive_step(model, loss_fn, images, texts, cfg, accelerator, teacher)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window.add(contrastive, aux_loss, stats, images.shape[0])
+            window.add(terms, stats, images.shape[0])
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -247,14 +265,22 @@ def train(cfg: TrainConfig) -> dict:
     return last
 
 
-def contrastive_step(model, loss_fn, images, texts, cfg: TrainConfig, accelerator):
-    """Forward, loss and backward of one micro-batch (gradient clipping on the syncing one)."""
+def contrastive_step(model, loss_fn, images, texts, cfg: TrainConfig, accelerator, teacher=None):
+    """Forward, loss and backward of one micro-batch (gradient clipping on the syncing one).
+
+    Returns the loss terms by name (unweighted) and the encoder's stats.
+    """
     image_features, text_features, logit_scale, aux_loss, stats = model(images, texts)
-    contrastive = loss_fn(image_features, text_features, logit_scale)
-    accelerator.backward(contrastive + cfg.aux_loss_weight * aux_loss)
+    terms = {"contrastive_loss": loss_fn(image_features, text_features, logit_scale), "aux_loss": aux_loss}
+    total = terms["contrastive_loss"] + cfg.aux_loss_weight * aux_loss
+    if teacher is not None:
+        terms["distill_loss"] = clip_distill_loss(image_features, text_features, logit_scale, teacher, images, texts,
+                                                  cfg.distill_temperature)
+        total = total + cfg.distill_weight * terms["distill_loss"]
+    accelerator.backward(total)
     if accelerator.sync_gradients and cfg.grad_clip:
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    return contrastive, aux_loss, stats
+    return terms, stats
 
 
 class _Window:
@@ -263,23 +289,19 @@ class _Window:
     def __init__(self):
         self.start = time.perf_counter()
         self.data_time, self.samples, self.micro = 0.0, 0, 0
-        self.contrastive = self.aux = 0.0
-        self.stats = {}
+        self.sums = {}
 
-    def add(self, contrastive, aux, stats, batch: int) -> None:
-        self.contrastive = self.contrastive + contrastive.detach()
-        self.aux = self.aux + aux.detach()
-        for k, v in stats.items():
-            self.stats[k] = self.stats.get(k, 0.0) + v.detach()
+    def add(self, terms: dict, stats: dict, batch: int) -> None:
+        for k, v in {**terms, **stats}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach()
         self.samples += batch
         self.micro += 1
 
     def record(self, step: int, epoch: int, lr: float, accelerator) -> dict:
         elapsed = time.perf_counter() - self.start
         n = max(self.micro, 1)
-        losses = {"contrastive_loss": self.contrastive, "boundary_loss": self.aux, **self.stats}
         losses = {k: float(accelerator.reduce(torch.as_tensor(v, device=accelerator.device) / n, "mean"))
-                  for k, v in losses.items()}  # averaged over ranks: the global batch's figures
+                  for k, v in self.sums.items()}  # averaged over ranks: the global batch's figures
         record = {"kind": "train", "step": step, "epoch": epoch, "lr": lr, **losses,
                   "data_time": self.data_time / n, "batch_time": elapsed / n,
                   "samples_per_s": self.samples * accelerator.num_processes / max(elapsed, 1e-9)}

@@ -33,6 +33,13 @@ def micro_clip_name():
 
 
 @pytest.fixture(scope="session")
+def micro_vit_clip_name():
+    """The plain-ViT micro CLIP: no dropout, no boundary sampling, so its forward is deterministic."""
+    from micro_clip import register_micro_clip
+    return register_micro_clip("vit")
+
+
+@pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
     """The demo data generator at a few hundred samples: real shards, eval set, LLaVA json."""
     from dtpclip.demo_data import DemoConfig, ensure_demo_data

@@ -36,10 +36,10 @@ def main(out_path: str) -> None:
                                  world_size=accelerator.num_processes)
     losses = []
     for _ in range(2):
-        contrastive, aux, _ = contrastive_step(model, loss_fn, images[mine], texts[mine], cfg, accelerator)
+        terms, _ = contrastive_step(model, loss_fn, images[mine], texts[mine], cfg, accelerator)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(accelerator.reduce((contrastive + aux).detach(), "mean")))
+        losses.append(float(accelerator.reduce((terms["contrastive_loss"] + terms["aux_loss"]).detach(), "mean")))
     if accelerator.is_main_process:
         with open(out_path, "w") as f:
             json.dump({"losses": losses, "world_size": accelerator.num_processes}, f)

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import open_clip
 import pytest
+import torch
+from accelerate import Accelerator
 
-from dtpclip.training import TrainConfig, param_groups, train
+from dtpclip.checkpoint import read_state_dict
+from dtpclip.evaluate import resolve_checkpoint
+from dtpclip.training import ContrastiveModel, TrainConfig, contrastive_step, load_clip_teacher, param_groups, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,3 +97,30 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     single, double = run_contrastive_steps(tmp_path, 1), run_contrastive_steps(tmp_path, 2)
     assert single[1] != single[0]  # the first step changed the weights
     assert double == pytest.approx(single, abs=1e-5)
+
+
+
+def test_distilling_from_a_clip_teacher(micro_vit_clip_name, small_demo, tmp_path):
+    """A teacher equal to the student gives zero KD; training towards a different teacher logs a falling KD."""
+    name = micro_vit_clip_name
+    teacher_run = tmp_path / "teacher"
+    train(config(name, small_demo, teacher_run, epochs=1, max_steps=3, seed=1))
+    student = config(name, small_demo, tmp_path / "student", epochs=1, max_steps=6, teacher=str(teacher_run),
+                     distill_weight=5.0)
+    clip = open_clip.create_model(name)
+    clip.load_state_dict(read_state_dict(resolve_checkpoint(teacher_run)[0]))
+    teacher = load_clip_teacher(str(teacher_run), clip.context_length, "cpu")
+    images, texts = torch.randn(4, 3, 64, 64), torch.randint(1, 49000, (4, 24))
+    terms, _ = contrastive_step(ContrastiveModel(clip), open_clip.ClipLoss(), images, texts, student, Accelerator(),
+                                teacher)
+    assert abs(terms["distill_loss"].item()) < 1e-6
+    train(student)
+    records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    distill = [r["distill_loss"] for r in records if r["kind"] == "train"]
+    assert len(distill) == 6 and distill[-1] < distill[0]
+
+
+def test_teacher_with_another_tokenization_is_refused(micro_vit_clip_name, small_demo, tmp_path):
+    train(config(micro_vit_clip_name, small_demo, tmp_path / "teacher", epochs=1, max_steps=1))
+    with pytest.raises(ValueError, match="reads 24 text tokens, the student 77"):
+        load_clip_teacher(str(tmp_path / "teacher"), 77, "cpu")
