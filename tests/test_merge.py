@@ -115,7 +115,7 @@ def test_merging_duplicates_with_proportional_attention_is_lossless(fused):
     proportional attention the merged model reproduces the plain model, without it it does not.
     """
     images = twin_patch_images()
-    plain, merged = tiny(), tiny()
+    plain, merged = tiny(global_pool="token"), tiny(global_pool="token")  # the CLS token sees every merge
     for model in (plain, merged):
         with torch.no_grad():
             model.pos_embed.zero_()
