@@ -32,8 +32,8 @@ class BoundaryPredictor(nn.Module):
       'sample'    the training-time sampling.
     Why 'expected' by default: deterministic, it pools at the rate training did even while p is
     still unsure, and equals 'threshold' once p is confident (0 or 1). Thresholding a predictor
-    that still sits near its prior (p = 0.25 < 0.5) keeps ~1 token per image: in the demo that
-    cost 5 points of zero-shot top-1 (13.2% vs 18.5% sampled, one checkpoint).
+    that still sits near its prior (p = 0.25 < 0.5) keeps ~1 token per image. Demo CLIP, DTP 4x
+    after 8 epochs, zero-shot top-1: 34.9% thresholded, 39.2% expected, 39.2% sampled.
     The output bias starts at logit(prior) so an untrained model already pools at the target rate.
     """
 
