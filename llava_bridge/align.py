@@ -252,7 +252,20 @@ def save_checkpoint(engine, cfg: AlignConfig, step: int, rank: int) -> None:
 
 
 def train(cfg: AlignConfig) -> Optional[Path]:
-    """Run the stage; returns the final directory (on rank 0)."""
+    """Run the stage; returns the final directory (on rank 0).
+
+    ZeRO-3 replaces torch.nn.functional.linear with its own wrapper process-wide and leaves it
+    there; it is put back afterwards, so later work in the same process (fvcore's MAC counts, other
+    models) sees torch's own again.
+    """
+    linear = F.linear
+    try:
+        return _train(cfg)
+    finally:
+        F.linear = linear
+
+
+def _train(cfg: AlignConfig) -> Optional[Path]:
     import deepspeed
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")

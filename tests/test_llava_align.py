@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from llava_bridge import align
@@ -109,11 +110,13 @@ def test_optimizer_block_in_deepspeed_config_is_refused(tmp_path):
 
 
 def test_zero3_gives_the_losses_and_projector_of_zero2(small_demo, demo_lm, tmp_path):
+    linear = torch.nn.functional.linear
     runs = {}
     for stage in ("zero2", "zero3"):
         final = train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / stage, max_steps=3,
                                           deepspeed_config=str(ROOT / "launch" / "configs" / f"{stage}.json"))))
         runs[stage] = losses(tmp_path / stage), load_file(str(final / "projector.safetensors"))
     assert runs["zero3"][0] == pytest.approx(runs["zero2"][0], abs=1e-5)
+    assert torch.nn.functional.linear is linear  # ZeRO-3's process-wide patch is undone
     for name, weight in runs["zero2"][1].items():
         assert (runs["zero3"][1][name] - weight).abs().max() < 1e-5
