@@ -7,6 +7,7 @@ real forward (for DTP: with its actual boundaries, whose ratio is reported besid
 import contextlib
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import open_clip
@@ -157,7 +158,8 @@ def pareto_main(args) -> List[dict]:
         clip, _, preprocess = create_clip_and_transforms(name, pretrained=str(weights), device=args.device)
         tokenizer = open_clip.get_tokenizer(name)
         eval_set = eval_sets.setdefault(name, load_eval_set(data, preprocess))
-        new = [accuracy_point(clip, tokenizer, eval_set, name, "trained", device=args.device)]
+        run = Path(checkpoint).name if Path(checkpoint).is_dir() else Path(checkpoint).parent.name
+        new = [accuracy_point(clip, tokenizer, eval_set, f"{name} ({run})", "trained", device=args.device)]
         if i == 0 and args.tome_r:
             new += merging_sweep(clip, tokenizer, eval_set, args.tome_r, dense_layers=args.dense_layers,
                                  local_layers=args.local_layers, label=name, device=args.device)

@@ -27,7 +27,8 @@ def test_pareto_writes_merging_lines_and_trained_points(tmp_path, small_demo):
     saved = json.loads((tmp_path / "out" / "pareto.json").read_text())
     assert saved == points and (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
     by = {(p["method"], p["r"]): p for p in points}
-    assert [p["label"] for p in points if p["method"] == "trained"] == ["PlainViT-Ti-8-64", "DTP-ViT-Ti-8-64-4x"]
+    assert [p["label"] for p in points if p["method"] == "trained"] == ["PlainViT-Ti-8-64 (plain)",
+                                                                        "DTP-ViT-Ti-8-64-4x (dtp)"]
     plain_macs = points[0]["gmacs"]
     assert by[("tome", 8)]["gmacs"] < by[("tome", 4)]["gmacs"] < plain_macs
     assert by[("tome", 4)]["gmacs"] < by[("lgtm", 4)]["gmacs"] < plain_macs  # LGTM keeps 2 layers dense
