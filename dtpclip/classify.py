@@ -20,7 +20,6 @@ stratified, seeded `--val-fraction` of the train data is held out (read into mem
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -32,7 +31,7 @@ from open_clip.transform import image_transform
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from tqdm import tqdm
 
-from dtpclip.cli import make_parser, parse_args
+from dtpclip.cli import make_parser, parse_args, run_main
 from dtpclip.encoders.quant import SCOPES, quant_config, quantize_model
 from dtpclip.evalsets import load_eval_set
 from dtpclip.evaluate import (ClassificationMeter, check_labels, demo_eval_dir, latest_demo_checkpoint,
@@ -401,7 +400,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

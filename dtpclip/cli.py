@@ -1,9 +1,10 @@
 """Shared command-line plumbing: argparse with a YAML/JSON `--config` whose keys are the flags."""
 import argparse
 import dataclasses
+import sys
 import typing
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import yaml
 
@@ -55,3 +56,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls) -> None
 
 def dataclass_from_args(config_cls, args: argparse.Namespace):
     return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def run_main(main: Callable) -> None:
+    """A `python -m` entry: bad input (a missing file, a wrong value) exits with its message, no traceback."""
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

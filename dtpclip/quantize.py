@@ -16,7 +16,6 @@ spec (dtpclip.data: brace pattern, list file); see `calibration_images`.
 """
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Callable, List
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import Dataset, IterableDataset
 
-from dtpclip.cli import make_parser, parse_args
+from dtpclip.cli import make_parser, parse_args, run_main
 from dtpclip.evaluate import (CONFIG_FILE, WEIGHTS_FILE, demo_eval_dir, latest_demo_checkpoint,
                               model_name, registry_name, resolve_checkpoint)
 from dtpclip.registry import encoder_info
@@ -139,7 +138,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

@@ -15,7 +15,6 @@ names and the OpenAI templates come with open_clip, offline.
 import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
@@ -28,7 +27,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dtpclip.cli import make_parser, parse_args
+from dtpclip.cli import make_parser, parse_args, run_main
 from dtpclip.clip import create_clip_and_transforms, encode_image
 from dtpclip.evalsets import EvalSet, load_eval_set
 from dtpclip.evaluate import (ClassificationMeter, clip_name, demo_eval_dir, latest_demo_checkpoint, model_name,
@@ -208,7 +207,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_main(main)
