@@ -90,6 +90,9 @@ class AlignConfig:
     resume: Optional[str] = field(default="auto", metadata={"help": "'auto', a checkpoint path, or 'none'"})
 
 
+WORLD_OF_ONE = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_distributed(device: torch.device):
     """torch.distributed through DeepSpeed; a plain `python` run becomes a world of one."""
     import deepspeed
@@ -97,7 +100,7 @@ def init_distributed(device: torch.device):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(zip(WORLD_OF_ONE, ("0", "1", "0", "127.0.0.1", str(port))))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -254,15 +257,21 @@ def save_checkpoint(engine, cfg: AlignConfig, step: int, rank: int) -> None:
 def train(cfg: AlignConfig) -> Optional[Path]:
     """Run the stage; returns the final directory (on rank 0).
 
-    ZeRO-3 replaces torch.nn.functional.linear with its own wrapper process-wide and leaves it
-    there; it is put back afterwards, so later work in the same process (fvcore's MAC counts, other
-    models) sees torch's own again.
+    A run leaves no process-wide state behind, so later work in the same process is unaffected:
+    ZeRO-3 replaces torch.nn.functional.linear with its own wrapper (fvcore then misses every
+    Linear), and a plain `python` run sets the RANK / MASTER_PORT variables of its world of one,
+    which subprocesses would inherit; both are undone afterwards. (The process group itself stays:
+    DeepSpeed caches its groups and cannot be initialised twice in one process.)
     """
     linear = F.linear
+    own_world = "RANK" not in os.environ
     try:
         return _train(cfg)
     finally:
         F.linear = linear
+        if own_world:
+            for key in WORLD_OF_ONE:
+                os.environ.pop(key, None)
 
 
 def _train(cfg: AlignConfig) -> Optional[Path]:

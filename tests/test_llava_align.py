@@ -62,13 +62,13 @@ def test_resume_continues_exactly(small_demo, demo_lm, tmp_path, monkeypatch):
 def test_two_ranks_match_one_on_the_same_global_batch(small_demo, demo_lm, tmp_path):
     """Token-count normalisation over the global batch: 2 ranks x 4 = 1 rank x 8, two steps running."""
     train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "one", max_steps=2)))
+    assert not set(DIST_VARS) & set(os.environ)  # a subprocess must not inherit the world of one
     single = losses(tmp_path / "one")
     args = flags(small_demo, demo_lm, tmp_path / "two", batch_size=4, max_steps=2)
     cli = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}  # the in-process run set them
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(ROOT / "launch" / "llava_align.py")] + cli, check=True, timeout=240,
-                   env={**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                   env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     double = losses(tmp_path / "two")
     assert single[2] != single[1]  # the first step changed the projector
     assert double == pytest.approx(single, abs=1e-5)
