@@ -20,8 +20,7 @@ from llava_bridge.demo_lm import LM_CONFIG
 from llava_bridge.model import LlavaModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
-TOWERS = {"ViT-B/32": ("plain_vit_base_patch32_224", {}),
-          "DTP-ViT-B/32 10x": ("dtp_vit_base_patch32_224_10x", {})}
+TOWERS = {"ViT-B/32": "plain_vit_base_patch32_224", "DTP-ViT-B/32 10x": "dtp_vit_base_patch32_224_10x"}
 
 
 def make_step(model, batch):
@@ -56,8 +55,8 @@ def main(argv=None):
              "labels": input_ids.masked_fill(input_ids < 0, -100).to(device),
              "images": images.to(device)}
     steps, counts, memory = {}, {}, {}
-    for label, (name, kwargs) in TOWERS.items():
-        tower = build_vision_tower(name, None, -1, "patch", **kwargs)
+    for label, name in TOWERS.items():
+        tower = build_vision_tower(name, None, -1, "patch")
         torch.manual_seed(0)
         lm = LlamaForCausalLM(LlamaConfig(vocab_size=1000, **LM_CONFIG)).requires_grad_(False)
         model = LlavaModel(tower, lm, "mlp2x_gelu").to(device).train()

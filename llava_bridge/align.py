@@ -324,8 +324,8 @@ def _train(cfg: AlignConfig) -> Optional[Path]:
             engine.backward(loss)
             engine.step()
             micro += 1
-            window["loss"] += float(total_loss)
-            window["tokens"] += float(count)
+            window["loss"] = window["loss"] + total_loss.double()  # tensors: no host sync per step
+            window["tokens"] = window["tokens"] + count.double()
             window["samples"] += len(counts)
             window["visual"] += sum(counts)
             window["imaged"] += sum(c > 0 for c in counts)
@@ -347,12 +347,12 @@ def _train(cfg: AlignConfig) -> Optional[Path]:
 def log_window(window: dict, step: int, epoch: int, scheduler, world: int, rank: int, metrics: Path, bar,
                device) -> None:
     """One metrics.jsonl record over the steps since the last one; the window is reset."""
-    loss_sum = torch.tensor(window["loss"], dtype=torch.float64)  # window["tokens"] is already global
-    if world > 1:
+    loss_sum = torch.as_tensor(window["loss"], dtype=torch.float64, device=device).clone()
+    if world > 1:  # window["tokens"] is already global
         dist.all_reduce(loss_sum)
     elapsed = time.perf_counter() - window["start"]
     record = {
-        "kind": "train", "step": step, "epoch": epoch, "loss": float(loss_sum) / max(1.0, window["tokens"]),
+        "kind": "train", "step": step, "epoch": epoch, "loss": float(loss_sum) / max(1.0, float(window["tokens"])),
         "lr": scheduler.get_last_lr()[0], "step_time": elapsed / max(1, window["steps"]),
         "samples_per_s": window["samples"] * world / elapsed,
         "visual_tokens_per_sample": window["visual"] / max(1, window["imaged"]),

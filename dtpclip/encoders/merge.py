@@ -41,6 +41,7 @@ from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from dtpclip.encoders.vit import PlainViT, build_vit_family, default_cfg
+from dtpclip.encoders.vit import find_vit as find_any_vit  # merge.find_vit adds the DTP refusal
 from dtpclip.registry import CLIP_TAGS, VIT_SIZES, EncoderInfo, register_encoder
 
 RSchedule = Union[int, List[int], Tuple[int, float]]  # see parse_r
@@ -334,14 +335,10 @@ def _patched_class(cls: type) -> type:
 
 
 def find_vit(model: nn.Module) -> VisionTransformer:
-    """The timm ViT to patch: the model itself, or the visual trunk of an open_clip CLIP / TimmModel."""
+    """The timm ViT to patch (see `vit.find_vit`); DTP-ViT is refused."""
     from dtpclip.encoders.dtp import DTPViT
 
-    candidates = [model, getattr(model, "trunk", None), getattr(getattr(model, "visual", None), "trunk", None)]
-    vit = next((m for m in candidates if isinstance(m, VisionTransformer)), None)
-    if vit is None:
-        raise TypeError(f"token merging patches a timm VisionTransformer (a registry ViT or the visual trunk of a "
-                        f"dtpclip CLIP); got {type(model).__name__}")
+    vit = find_any_vit(model, "token merging")
     if isinstance(vit, DTPViT):
         raise TypeError("token merging does not apply to DTP-ViT: it pools its own tokens into variable-length "
                         "segments; use a plain ViT (plain_vit_*)")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from dtpclip.encoders.merge import _with_log_size
+from dtpclip.encoders.vit import find_vit
 
 SCOPES = ("linear", "linear+attn")
 
@@ -167,13 +168,8 @@ def quantize_attention(attn: nn.Module, q_quant: nn.Module, k_quant: nn.Module, 
 
 
 def find_encoder(model: nn.Module) -> VisionTransformer:
-    """The timm ViT to quantize: the model itself, or the visual trunk of a dtpclip CLIP / TimmModel."""
-    candidates = [model, getattr(model, "trunk", None), getattr(getattr(model, "visual", None), "trunk", None)]
-    vit = next((m for m in candidates if isinstance(m, VisionTransformer)), None)
-    if vit is None:
-        raise TypeError(f"quantization patches a timm VisionTransformer (a registry ViT or the visual trunk of a "
-                        f"dtpclip CLIP); got {type(model).__name__}")
-    return vit
+    """The timm ViT to quantize (see `vit.find_vit`)."""
+    return find_vit(model, "quantization")
 
 
 def block_linears(block: nn.Module):

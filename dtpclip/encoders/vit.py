@@ -32,6 +32,17 @@ class PlainViT(VisionTransformer):
         return EncoderOutput.dense(tokens, self.forward_head(tokens, pre_logits=True))
 
 
+def find_vit(model: nn.Module, transform: str) -> VisionTransformer:
+    """The timm ViT an in-place transform patches: the model itself, or the visual trunk of an
+    open_clip CLIP / TimmModel; a TypeError naming `transform` otherwise."""
+    candidates = [model, getattr(model, "trunk", None), getattr(getattr(model, "visual", None), "trunk", None)]
+    vit = next((m for m in candidates if isinstance(m, VisionTransformer)), None)
+    if vit is None:
+        raise TypeError(f"{transform} patches a timm VisionTransformer (a registry ViT or the visual trunk of a "
+                        f"dtpclip CLIP); got {type(model).__name__}")
+    return vit
+
+
 def default_cfg(size: str) -> dict:
     """timm pretrained config (data) of a size: input size and CLIP normalisation, no hub weights."""
     img = VIT_SIZES[size]["img_size"]
