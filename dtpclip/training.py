@@ -41,7 +41,7 @@ def _f(default, help, **kw):
 class TrainConfig:
     """Every knob of a CLIP run; the launcher's flags and --config keys are these names."""
 
-    model: str = _f("DTP-ViT-Ti-8-64-4x", "open_clip model name (ours: PlainViT-*, DTP-ViT-*)")
+    model: str = _f("DTP-ViT-Ti-16-64-4x", "open_clip model name (ours: PlainViT-*, DTP-ViT-*)")
     pretrained: Optional[str] = _f(None, "initialise from an open_clip CLIP checkpoint on disk")
     train_data: Optional[str] = _f(None, "webdataset shard spec; default: the built-in demo shards")
     eval_data: Optional[str] = _f(None, "zero-shot eval set at each epoch end; default with the demo: its eval set")
@@ -180,8 +180,10 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     model = ContrastiveModel(clip)
     teacher = load_clip_teacher(cfg.teacher, clip.context_length, accelerator.device) if cfg.teacher else None
+    # fused: one kernel for all parameters; on the CPU demo the step took 12 ms instead of 64 ms
+    # (foreach), most of it the text tower's 49408-row token embedding
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)

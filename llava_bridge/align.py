@@ -55,7 +55,7 @@ class AlignConfig:
                                                      "choices": tuple(STAGES)})
     data_path: Optional[str] = field(default=None, metadata={"help": "LLaVA json (default: the demo's)"})
     image_folder: Optional[str] = field(default=None, metadata={"help": "image root (default: the demo's)"})
-    encoder: str = field(default="dtp_vit_tiny_patch8_64_4x", metadata={"help": "registry encoder"})
+    encoder: str = field(default="dtp_vit_tiny_patch16_64_4x", metadata={"help": "registry encoder"})
     encoder_checkpoint: Optional[str] = field(default="demo", metadata={
         "help": "CLIP checkpoint for the tower; 'demo': the latest demo CLIP run (fresh with a warning if none); "
                 "'none': fresh"})

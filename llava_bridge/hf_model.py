@@ -20,7 +20,7 @@ class DtpLlavaConfig(PretrainedConfig):
 
     model_type = "dtpclip_llava"
 
-    def __init__(self, encoder: str = "dtp_vit_tiny_patch8_64_4x", encoder_kwargs=None, tome_r: int = 0,
+    def __init__(self, encoder: str = "dtp_vit_tiny_patch16_64_4x", encoder_kwargs=None, tome_r: int = 0,
                  select_layer: int = -1, select_feature: str = "patch", projector: str = "mlp2x_gelu",
                  lm_config=None, max_sequence_length=None, **kwargs):
         self.encoder, self.encoder_kwargs, self.tome_r = encoder, encoder_kwargs or {}, tome_r

@@ -441,7 +441,7 @@ def merged_token_counts(model: nn.Module) -> List[int]:
 # `tome_r` kwarg overrides r. The r values: ToMe's headline settings (B/16 r=13, L/14 r=8) and
 # about half the FLOPs for each size (the profiler's `--tome-r` sweeps any other r).
 MERGE_R = {
-    "tiny_patch8_64": (4, 8), "small_patch16_224": (13,), "base_patch32_224": (2, 3),
+    "tiny_patch16_64": (1, 2), "tiny_patch8_64": (4, 8), "small_patch16_224": (13,), "base_patch32_224": (2, 3),
     "base_patch16_224": (8, 13, 16), "large_patch14_224": (8,),
 }
 MERGE_METHODS = {"tome": ("ToMe", apply_tome), "lgtm": ("LGTM", apply_lgtm)}
