@@ -47,7 +47,7 @@ class TrainConfig:
     eval_data: Optional[str] = _f(None, "zero-shot eval set at each epoch end; default with the demo: its eval set")
     samples_per_epoch: Optional[int] = _f(None, "samples an epoch (default: counted from the shards)")
     resampled: bool = _f(False, "draw shards with replacement (open_clip's --dataset-resampled)")
-    epochs: int = _f(4, "epochs")
+    epochs: int = _f(6, "epochs")
     batch_size: int = _f(64, "per-process batch size")
     lr: float = _f(1e-3, "peak learning rate")
     warmup_steps: int = _f(50, "linear warm-up optimizer steps, then cosine to 0")

@@ -107,3 +107,16 @@ def test_no_weight_decay_and_group_matcher_cover_dtp():
     assert grouped == {n for n, _ in model.named_parameters()}
     predictor_group = next(g for g, params in groups.items() if "boundary_predictor.mlp.0.weight" in params)
     assert "blocks.1.mlp.fc1.weight" in groups[predictor_group]  # with the last pre-layer
+
+
+@pytest.mark.parametrize("name", ["plain_vit_tiny_patch16_64", "dtp_vit_tiny_patch16_64_4x"])
+def test_fresh_class_token_features_differ_between_images(name):
+    """The class token starts at zero, so pre-norm cannot blow it up into one vector that every
+    image's feature shares (timm's 1e-6 init gave cosine ~0.99 between images)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    assert model.global_pool == "token" and not model.cls_token.any() and not model.pos_embed[:, 0].any()
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(model.encode(torch.randn(8, 3, 64, 64)).pooled, dim=-1)
+    cosine = features @ features.t()
+    assert cosine[~torch.eye(8, dtype=torch.bool)].mean() < 0.5
