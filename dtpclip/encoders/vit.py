@@ -35,7 +35,7 @@ class PlainViT(VisionTransformer):
         class token becomes one large vector shared by every image: a fresh CLIP's image features
         had cosine 0.99 between images. A zero vector stays zero under LayerNorm, so the class token
         holds only what it gathers from the patches (cosine 0.08-0.16), and the demo CLIP left its
-        chance plateau sooner: 41-74% zero-shot after ~900 steps against 40-70% (3 seeds).
+        chance plateau sooner: 48-74% zero-shot after ~900 steps against 40-71% (3 seeds).
         """
         super().init_weights(mode, needs_reset)
         if self.cls_token is not None:
