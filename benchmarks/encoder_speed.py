@@ -12,11 +12,10 @@ above the weights (activations, and in training the gradients: 'act' subtracts t
 
     python benchmarks/encoder_speed.py [--batch-size 32] [--device cuda --precision bf16 --batch-size 256]
 """
-import json
 
 import torch
 
-from dtpclip.cli import make_parser, parse_args
+from dtpclip.cli import add_json_output, make_parser, measure_and_report, parse_args
 from dtpclip.measure import interleaved_median_times, peak_memory_bytes
 from dtpclip.profile import TowerSteps, build_visual_tower
 
@@ -71,13 +70,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default=None, help="also write the raw figures to this file")
+    add_json_output(parser)
     args = parse_args(parser, argv)
-    results = measure(args)
-    report(results, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    measure_and_report(args, measure, report)
 
 
 if __name__ == "__main__":

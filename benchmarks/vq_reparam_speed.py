@@ -12,12 +12,11 @@ Ratios are the plain ViT's figure / the row's.
 
     OMP_NUM_THREADS=1 python benchmarks/vq_reparam_speed.py [--batch-size 8] [--threads 1]
 """
-import json
 
 import timm
 import torch
 
-from dtpclip.cli import make_parser, parse_args
+from dtpclip.cli import add_json_output, make_parser, measure_and_report, parse_args
 from dtpclip.encoders.vq import TIMM_IMAGENET_LAYOUT
 from dtpclip.flops import count_macs
 from dtpclip.measure import interleaved_median_times
@@ -80,14 +79,10 @@ def main(argv=None):
     parser.add_argument("--levels", type=int, nargs="+", default=[3, 3, 3, 3], help="FSQ levels")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default=None, help="also write the raw figures to this file")
+    add_json_output(parser)
     args = parse_args(parser, argv)
     torch.set_num_threads(args.threads)
-    results = measure(args)
-    report(results, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    measure_and_report(args, measure, report)
 
 
 if __name__ == "__main__":

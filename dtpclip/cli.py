@@ -1,6 +1,7 @@
 """Shared command-line plumbing: argparse with a YAML/JSON `--config` whose keys are the flags."""
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -56,6 +57,19 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls) -> None
 
 def dataclass_from_args(config_cls, args: argparse.Namespace):
     return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def add_json_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=None, help="also write the raw figures to this file")
+
+
+def measure_and_report(args: argparse.Namespace, measure: Callable, report: Callable):
+    """A benchmark's body: measure, print the side-by-side report, and write `--json` if given."""
+    results = measure(args)
+    report(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
 
 
 def run_main(main: Callable) -> None:

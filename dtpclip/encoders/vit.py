@@ -34,8 +34,8 @@ class PlainViT(VisionTransformer):
         Pre-norm (`norm_pre`, CLIP's ln_pre) scales any small vector to unit size, so timm's 1e-6
         class token becomes one large vector shared by every image: a fresh CLIP's image features
         had cosine 0.99 between images. A zero vector stays zero under LayerNorm, so the class token
-        holds only what it gathers from the patches (cosine 0.08-0.16), and the demo CLIP left its
-        chance plateau sooner: 48-74% zero-shot after ~900 steps against 40-71% (3 seeds).
+        holds only what it gathers from the patches (cosine 0.08-0.16 on demo images), and the demo
+        CLIP left its chance plateau sooner: 48-74% zero-shot after ~900 steps against 40-71% (3 seeds).
         """
         super().init_weights(mode, needs_reset)
         if self.cls_token is not None:
