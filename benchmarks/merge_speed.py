@@ -24,7 +24,7 @@ from dtpclip.cli import make_parser, parse_args
 from dtpclip.encoders.merge import apply_lgtm, apply_tome, merged_token_counts, remove_tome
 from dtpclip.flops import count_macs
 from dtpclip.measure import synchronize
-from dtpclip.registry import create_encoder
+from dtpclip.factory import create_encoder
 
 SWEEPS = {
     "plain_vit_base_patch16_224": [4, 8, 13, 16],

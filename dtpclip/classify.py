@@ -27,17 +27,17 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from open_clip.transform import image_transform
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from tqdm import tqdm
 
-from dtpclip.cli import make_parser, parse_args, run_main
+from dtpclip.cli import add_model_kwargs, make_parser, parse_args, run_main
 from dtpclip.encoders.quant import SCOPES, quant_config, quantize_model
 from dtpclip.evalsets import load_eval_set
-from dtpclip.evaluate import (ClassificationMeter, check_labels, demo_eval_dir, latest_demo_checkpoint,
-                              model_name, registry_name, resolve_checkpoint, write_json)
+from dtpclip.checkpoint import write_json
+from dtpclip.evaluate import ClassificationMeter, check_labels, demo_eval_dir, registry_name, resolve_model
 from dtpclip.losses import FEATURE_LOSSES, LOGIT_LOSSES, Distiller, load_teacher
-from dtpclip.registry import create_encoder
+from dtpclip.checkpoint import save_checkpoint_dir
+from dtpclip.factory import create_encoder, encoder_transforms
 
 MODES = ("linear", "finetune", "scratch")
 # head learning rate per mode when --lr is not given: a probe on cached features takes a large
@@ -81,15 +81,6 @@ def distilled_logits(encoder: nn.Module, images: torch.Tensor, targets: torch.Te
 
 # ---------------------------------------------------------------------------------------------
 # data
-
-def transforms_for(encoder: nn.Module) -> Tuple[Callable, Callable]:
-    """(train, eval) transforms: CLIP's (RandomResizedCrop 0.9-1 / resize + center crop) at the
-    encoder's input size and normalisation (its timm pretrained config)."""
-    cfg = encoder.pretrained_cfg
-    size = encoder.patch_embed.img_size
-    return (image_transform(size, is_train=True, mean=cfg["mean"], std=cfg["std"]),
-            image_transform(size, is_train=False, mean=cfg["mean"], std=cfg["std"]))
-
 
 class ShuffleBuffer(IterableDataset):
     """Samples of an iterable dataset (e.g. class-sorted wds shards) in buffer-shuffled order."""
@@ -267,6 +258,7 @@ def make_arg_parser():
     parser.add_argument("--checkpoint", default=None,
                         help="CLIP checkpoint file, dtpclip checkpoint directory or run directory; None: the "
                              "latest demo checkpoint (scratch uses only its model name)")
+    add_model_kwargs(parser)
     parser.add_argument("--train-data", default=None, help="labelled eval-set directory, wds or ImageFolder; "
                         "None: the demo eval set, split into train/val")
     parser.add_argument("--val-data", default=None, help="labelled eval-set directory; None: hold out "
@@ -347,13 +339,12 @@ def load_datasets(train_path: Path, val_path: Optional[Path], train_tf: Callable
 
 def main(argv=None) -> dict:
     args = parse_args(make_arg_parser(), argv)
-    if args.checkpoint is not None:
-        weights, saved_name = resolve_checkpoint(args.checkpoint)
-    elif args.mode == "scratch" and args.model:
-        weights, saved_name = None, None
+    if args.checkpoint is None and args.mode == "scratch" and args.model:
+        weights, name, model_kwargs = None, args.model, args.model_kwargs
     else:
-        weights, saved_name = latest_demo_checkpoint()
-    name = registry_name(model_name(args.model, saved_name, args.checkpoint or weights))
+        source = resolve_model(args.checkpoint, args.model, args.model_kwargs)
+        weights, name, model_kwargs = source.weights, source.name, source.model_kwargs
+    name = registry_name(name)
     if args.train_data:
         train_path, train_split = _data_dir(args.train_data, "--train-data"), args.train_split
     else:  # the demo's labelled images: its eval set's one split, held out from itself below
@@ -363,10 +354,10 @@ def main(argv=None) -> dict:
         weights = None
 
     torch.manual_seed(args.seed)
-    encoder = build_encoder(name, args.mode, weights)
+    encoder = build_encoder(name, args.mode, weights, **model_kwargs)
     if args.w_bits is not None or args.a_bits is not None:  # LSQ QAT: the KD chain's 4-bit / 2-bit steps
         quantize_model(encoder, args.w_bits, args.a_bits, args.quant_scope)
-    train_tf, eval_tf = transforms_for(encoder)
+    train_tf, eval_tf = encoder_transforms(encoder)
     if args.mode == "linear":
         train_tf = eval_tf  # features are computed once: no augmentation
     train, val, classnames = load_datasets(train_path, val_path, train_tf, eval_tf, train_split,
@@ -381,7 +372,7 @@ def main(argv=None) -> dict:
         val_name=f"--val-data {str(val_path)!r}" if val_path else f"the held-out part of {str(train_path)!r}",
         distiller=distiller)
     result = {
-        "model": name, "mode": args.mode, "checkpoint": None if weights is None else str(weights),
+        "model": name, "model_kwargs": model_kwargs, "mode": args.mode, "checkpoint": None if weights is None else str(weights),
         "train_data": str(train_path), "val_data": str(val_path) if val_path else f"{args.val_fraction} of train_data",
         "classes": len(classnames), "lr": lr, "epochs": history,
         "teacher": None if distiller is None else {"model": args.teacher, "checkpoint": args.teacher_checkpoint,
@@ -390,9 +381,9 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - start, "quantization": quant_config(encoder),
     }
     if args.save:
-        from dtpclip.quantize import save_checkpoint_dir
         result["saved"] = str(save_checkpoint_dir(encoder, args.save, {
-            "model": name, "quantization": quant_config(encoder), "classes": len(classnames)}))
+            "model": name, "model_kwargs": model_kwargs, "quantization": quant_config(encoder),
+            "classes": len(classnames)}))
     print(json.dumps({k: v for k, v in result.items() if k != "epochs"}, indent=2))
     if args.output:
         write_json(args.output, result)

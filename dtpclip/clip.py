@@ -7,64 +7,51 @@ The CLIP projection lives in open_clip's timm-tower head; the encoder stays a pl
 from typing import Optional, Tuple
 
 import open_clip
+import open_clip.factory
+import timm
 import torch
-from open_clip.factory import _MODEL_CONFIGS
 from open_clip.timm_model import TimmModel
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from dtpclip.checkpoint import load_checked, read_state_dict
+from dtpclip.checkpoint import checkpoint_config, load_checked, read_state_dict
 from dtpclip.encoders.output import EncoderOutput
-from dtpclip.registry import VIT_SIZES, list_encoders
-
-# The text tower and joint embedding each size's CLIP uses: open_clip's own architecture of that
-# size, or (our 64x64 sizes, which open_clip lacks) a small one of ours. The demo's has one
-# layer: on the demo captions it reached 86% zero-shot in 1500 steps where two layers reached
-# 69% in 1250, and it costs less a step; 16 tokens hold every demo caption (at most 9).
-CLIP_TEXT_TOWERS = {
-    "tiny_patch16_64": {"embed_dim": 128, "text_cfg": {
-        "context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 1}},
-    "tiny_patch8_64": {"embed_dim": 128, "text_cfg": {
-        "context_length": 24, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}},
-    "small_patch16_224": "ViT-S-16",
-    "base_patch32_224": "ViT-B-32",
-    "base_patch16_224": "ViT-B-16",
-    "large_patch14_224": "ViT-L-14",
-}
+from dtpclip.factory import restore_structure
+from dtpclip.registry import EncoderInfo, Size, encoder_info, on_register
 
 
-def _text_tower(size: str) -> dict:
-    base = CLIP_TEXT_TOWERS[size]
+def text_tower(size: Size) -> dict:
+    """{'embed_dim', 'text_cfg'} of a size's CLIP: open_clip's own architecture's, or the size's own."""
+    if size.text_tower is None:
+        raise ValueError(f"size {size.name!r} has no CLIP (its registry row names no text tower)")
+    base = size.text_tower
     return open_clip.get_model_config(base) if isinstance(base, str) else base
 
 
-def clip_embed_dim(size: str) -> int:
+def clip_embed_dim(size: Size) -> int:
     """Width of the joint image-text embedding of a size's CLIP."""
-    return _text_tower(size)["embed_dim"]
+    return text_tower(size)["embed_dim"]
 
 
-def open_clip_config(encoder_name: str, size: str) -> dict:
-    """An open_clip architecture config with `encoder_name` as its timm visual tower.
+def open_clip_config(info: EncoderInfo) -> dict:
+    """An open_clip architecture config with the encoder as its timm visual tower.
 
     `timm_pool: ''` keeps the encoder's own pooling (CLS for the plain ViT, masked mean for DTP).
     """
-    base = _text_tower(size)
+    base = text_tower(info.size)
     return {
         "embed_dim": base["embed_dim"],
-        "vision_cfg": {"timm_model_name": encoder_name, "timm_model_pretrained": False, "timm_pool": "",
-                       "timm_proj": "linear", "image_size": VIT_SIZES[size]["img_size"]},
+        "vision_cfg": {"timm_model_name": info.name, "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": info.size.img_size},
         "text_cfg": dict(base["text_cfg"]),
     }
 
 
-def register_open_clip_configs() -> None:
-    """Make every registry encoder with a `clip_name` an open_clip architecture.
-
-    open_clip's public `add_model_config` only reads JSON files; ours are derived from the registry
-    (sizes live there once), so they go into the same table it fills.
-    """
-    for info in list_encoders():
-        if info.clip_name:
-            _MODEL_CONFIGS[info.clip_name] = open_clip_config(info.name, info.size)
+def _add_open_clip_config(info: EncoderInfo) -> None:
+    # open_clip's public add_model_config reads JSON files only; ours derive from the registry. The
+    # table is looked up at each call: add_model_config rebinds it.
+    if info.clip_name:
+        open_clip.factory._MODEL_CONFIGS[info.clip_name] = open_clip_config(info)
 
 
 def _clip_state_dict(model: torch.nn.Module, state: dict) -> dict:
@@ -80,14 +67,45 @@ def _clip_state_dict(model: torch.nn.Module, state: dict) -> dict:
 
 
 def load_clip_checkpoint(model: torch.nn.Module, path) -> None:
-    """Load a full open_clip CLIP checkpoint (text + visual) from disk into one of our CLIPs."""
+    """Load a full open_clip CLIP checkpoint (text + visual) from disk into one of our CLIPs; the
+    transforms and quantization its config records are rebuilt on the visual tower first."""
+    restore_structure(model.visual.trunk, checkpoint_config(path))
     fresh = [f"visual.trunk.{p}" for p in model.visual.trunk.fresh_parameter_prefixes]
     load_checked(model, _clip_state_dict(model, read_state_dict(path)), path, fresh)
 
 
-def create_clip_and_transforms(name: str, pretrained: Optional[str] = None, **kwargs):
-    """open_clip.create_model_and_transforms for our names; `pretrained` is a local checkpoint path."""
+def _swap_trunk(model: torch.nn.Module, model_kwargs: dict) -> None:
+    """open_clip's timm tower passes no kwargs to timm: build the trunk again with them, as TimmModel
+    builds it (no head, the encoder's own pooling), and follow a changed input size."""
+    visual = model.visual
+    trunk = timm.create_model(visual.trunk.pretrained_cfg["architecture"], **model_kwargs)
+    trunk.reset_classifier(0)
+    visual.trunk = trunk.to(next(visual.head.parameters()).device)
+    image_size = trunk.patch_embed.img_size
+    visual.image_size = tuple(image_size)
+    visual.preprocess_cfg = {**visual.preprocess_cfg, "size": tuple(image_size)}
+
+
+def _known_clip_name(name: str) -> str:
+    try:
+        return encoder_info(name).clip_name or name
+    except KeyError:  # any other open_clip architecture
+        return name
+
+
+def create_clip_and_transforms(name: str, pretrained: Optional[str] = None, model_kwargs: Optional[dict] = None,
+                               **kwargs):
+    """open_clip.create_model_and_transforms for our names (timm or open_clip spelling).
+
+    model_kwargs: the visual encoder's constructor kwargs (timm's --model-kwargs), e.g.
+    {'compression': 0.2}; `pretrained`: a local checkpoint path.
+    """
+    name = _known_clip_name(name)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(name, **kwargs)
+    if model_kwargs:
+        _swap_trunk(model, model_kwargs)
+        cfg = PreprocessCfg(**model.visual.preprocess_cfg)
+        preprocess_train, preprocess_val = image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, is_train=False)
     if pretrained is not None:
         load_clip_checkpoint(model, pretrained)
     return model, preprocess_train, preprocess_val
@@ -106,4 +124,4 @@ def encode_image(model: torch.nn.Module, images: torch.Tensor) -> Tuple[torch.Te
     return visual.head(out.pooled), out
 
 
-register_open_clip_configs()
+on_register(_add_open_clip_config)

@@ -6,9 +6,7 @@ named colour and size, near the centre, on a textured background, with a few sma
 Captions are the eval set's templates filled with the class and name nothing else (see
 `make_caption` for why), so zero-shot prompts are the captions' own phrasings. The shape is kept
 the dominant visual concept (large, high contrast, near the centre; distractors are tiny),
-because a tiny CLIP trained for minutes on 2 CPU cores must learn it: a ViT has no built-in
-translation invariance, and with shapes anywhere in the frame a tiny one learned the classes
-about 4x more slowly (measured: supervised, 400 steps of 64, 31% vs 76% top-1).
+because a tiny CLIP trained for minutes on 2 CPU cores must learn it (README, Design decisions).
 
 Generation is seeded per sample (the same bytes for the same config on any machine), takes
 about 25 s on one core for the default 20k + 1k images, and is idempotent: a completion marker
@@ -250,11 +248,7 @@ def draw_scene(rng: np.random.Generator, size: int, label: int | None = None):
 # ---------------------------------------------------------------------------------------------
 # captions
 
-# Captions are the eval templates filled with the shape, and name nothing else. Colour, size
-# or background in captions (v4 named them in about a quarter, a fifth and an eighth) let a tiny
-# CLIP lower its loss by matching colours, far easier to see than shapes: it was at 17% zero-shot
-# after 400 steps against 47% with template captions. Free phrasings besides the templates
-# ("a drawing of a star", v4's other half) slowed it too: 29% against 55% after 500 steps.
+# Captions name the shape only: a tiny CLIP matches colours long before shapes (README, Design decisions).
 
 
 def make_caption(scene: Scene, rng: np.random.Generator) -> str:

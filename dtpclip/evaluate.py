@@ -4,19 +4,16 @@ Metrics follow open_clip_train (`zero_shot.accuracy`: top-k over the logits) and
 (`mean_per_class_recall`: balanced accuracy, i.e. recall averaged over the classes present in the
 targets). They are accumulated batch by batch, so an ImageNet-sized eval set never holds its logits.
 """
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from dtpclip.registry import list_encoders
+from dtpclip.checkpoint import CONFIG_FILE, LATEST, checkpoint_config, resolve_checkpoint
+from dtpclip.registry import encoder_info, list_encoders
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-WEIGHTS_FILE = "model.safetensors"  # in a dtpclip checkpoint directory, beside CONFIG_FILE
-CONFIG_FILE = "config.json"  # {"model": <open_clip name>, ...}
-LATEST = "latest"  # in a run directory: the newest checkpoint directory (symlink, or a file naming it)
 MAKE_DEMO_CHECKPOINT = "accelerate launch launch/clip_pretrain.py"
 
 
@@ -85,52 +82,6 @@ def default_demo_run_dir() -> Path:
     return Path(root) / "demo"
 
 
-def _follow_latest(run_dir: Path) -> Path:
-    pointer = run_dir / LATEST
-    if pointer.is_dir():  # a symlink to the checkpoint directory
-        return pointer.resolve()
-    target = Path(pointer.read_text().strip()).expanduser()
-    return target if target.is_absolute() else run_dir / target
-
-
-def resolve_checkpoint(path) -> Tuple[Path, Optional[str]]:
-    """(weights file, open_clip model name or None) of a checkpoint given as any of
-
-    - an open_clip / dtpclip checkpoint file (.safetensors, .pt, .pth, .bin); its model name comes
-      from a `config.json` beside it when there is one, else None (then `--model` must say it);
-    - a dtpclip checkpoint directory: `model.safetensors` + `config.json` ({"model": name, ...});
-    - a run directory whose `latest` (a symlink, or a file holding the directory's path, relative to
-      the run directory or absolute) points to such a checkpoint directory.
-    """
-    given = path
-    path = Path(path).expanduser()
-    if path.is_dir() and (path / LATEST).exists():
-        path = _follow_latest(path)
-    if path.is_dir():
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"checkpoint directory {str(given)!r} has no {WEIGHTS_FILE} (expected a dtpclip checkpoint "
-                f"directory with {WEIGHTS_FILE} + {CONFIG_FILE}, a run directory with '{LATEST}', or a "
-                f"checkpoint file {'/'.join(CHECKPOINT_SUFFIXES)})")
-    elif path.is_file():
-        if path.suffix not in CHECKPOINT_SUFFIXES:
-            raise ValueError(f"checkpoint {str(given)!r} is not a checkpoint file: expected one of "
-                             f"{', '.join(CHECKPOINT_SUFFIXES)} or a checkpoint directory")
-        weights = path
-    else:
-        raise FileNotFoundError(f"checkpoint {str(given)!r} does not exist (expected a checkpoint file "
-                                f"{'/'.join(CHECKPOINT_SUFFIXES)} or a checkpoint directory)")
-    config = weights.parent / CONFIG_FILE
-    name = None
-    if config.is_file():
-        try:
-            name = json.loads(config.read_text()).get("model")
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise ValueError(f"checkpoint config {str(config)!r} is not a JSON object with a 'model' key: {e}") from e
-    return weights, name
-
-
 def demo_eval_dir() -> Path:
     """The demo eval set (CLIP_benchmark wds layout): the one already generated, else generated now."""
     from dtpclip import demo_data
@@ -151,6 +102,25 @@ def latest_demo_checkpoint() -> Tuple[Path, Optional[str]]:
     return resolve_checkpoint(run_dir)
 
 
+@dataclass
+class ModelSource:
+    """What to build and load: a checkpoint's weights, the model's name and constructor kwargs."""
+
+    weights: Path
+    name: str
+    model_kwargs: dict
+    config: dict
+
+
+def resolve_model(checkpoint=None, model: Optional[str] = None, model_kwargs: Optional[dict] = None) -> ModelSource:
+    """--checkpoint (None: the latest demo checkpoint), --model and --model-kwargs, completed from the
+    checkpoint's config: the given name wins, the given kwargs update the saved ones."""
+    weights, saved_name = resolve_checkpoint(checkpoint) if checkpoint is not None else latest_demo_checkpoint()
+    config = checkpoint_config(weights)
+    return ModelSource(weights, model_name(model, saved_name, checkpoint or weights),
+                       {**config.get("model_kwargs", {}), **(model_kwargs or {})}, config)
+
+
 def model_name(given: Optional[str], from_checkpoint: Optional[str], checkpoint) -> str:
     """The model to build: `--model` if given, else the checkpoint's config; an error when neither says."""
     name = given or from_checkpoint
@@ -167,25 +137,19 @@ def clip_model_names() -> list:
 
 def registry_name(name: str) -> str:
     """The registry encoder of an open_clip name of ours; a registry name is returned as it is."""
-    for info in list_encoders():
-        if name in (info.name, info.clip_name):
-            return info.name
-    raise ValueError(f"unknown model {name!r}: expected one of our open_clip names ({', '.join(clip_model_names())}) "
-                     "or a registry encoder name (dtpclip.list_encoders())")
+    try:
+        return encoder_info(name).name
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}: expected one of our open_clip names "
+                         f"({', '.join(clip_model_names())}) or a registry encoder name (dtpclip.list_encoders())") from None
 
 
 def clip_name(name: str) -> str:
     """The open_clip name of ours for `name` (an open_clip name or a registry encoder name)."""
-    for info in list_encoders():
-        if name in (info.name, info.clip_name) and info.clip_name:
-            return info.clip_name
-    raise ValueError(f"unknown CLIP model {name!r}: expected one of {', '.join(clip_model_names())}")
-
-
-def write_json(path, result: dict) -> None:
-    """Write `result` atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        found = encoder_info(name).clip_name
+    except KeyError:
+        found = None
+    if found is None:
+        raise ValueError(f"unknown CLIP model {name!r}: expected one of {', '.join(clip_model_names())}")
+    return found

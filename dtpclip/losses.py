@@ -120,17 +120,20 @@ def load_teacher(teacher: Union[str, nn.Module, None], checkpoint=None, num_clas
     """
     if isinstance(teacher, nn.Module):
         return teacher.eval().requires_grad_(False)
-    from dtpclip.checkpoint import load_checked, read_state_dict
-    from dtpclip.evaluate import model_name, registry_name, resolve_checkpoint
-    from dtpclip.registry import create_encoder
+    from dtpclip.checkpoint import checkpoint_config, load_checked, read_state_dict, resolve_checkpoint
+    from dtpclip.evaluate import model_name, registry_name
+    from dtpclip.factory import create_encoder, restore_structure
 
     weights, saved_name = resolve_checkpoint(checkpoint) if checkpoint is not None else (None, None)
     name = registry_name(model_name(teacher, saved_name, checkpoint))
+    config = checkpoint_config(weights) if weights is not None else {}
+    model_kwargs = config.get("model_kwargs", {})
     if num_classes is None:
-        model = create_encoder(name, checkpoint=weights)
+        model = create_encoder(name, checkpoint=weights, **model_kwargs)
     else:
-        model = create_encoder(name, num_classes=num_classes)
+        model = create_encoder(name, num_classes=num_classes, **model_kwargs)
         if weights is not None:
+            restore_structure(model, config)
             state = read_state_dict(weights)
             if "head.weight" not in state:
                 raise ValueError(f"teacher checkpoint {str(checkpoint)!r} has no classifier head (head.weight); "

@@ -1,22 +1,25 @@
-"""Accuracy against compute: zero-shot top-1 vs GMACs of merging sweeps and trained variants.
+"""Accuracy against compute: zero-shot top-1 vs GMACs of transform sweeps and trained variants.
 
-A training-free method (ToMe, DFE + LGTM) is one line: the same plain CLIP patched at each r.
-A trained variant (DTP-ViT 2x/4x/10x, the plain ViT itself) is one point. MACs are the visual
-tower's (encoder + CLIP projection) per image, counted on the eval images themselves, so DTP is
-counted on the tokens it actually keeps. `python -m dtpclip.profile --pareto DIR` drives this.
+A training-free transform (ToMe, DFE + LGTM, PTQ, ...) is one line: the same CLIP with each spec of
+the sweep applied to a copy of it ('tome:r=2', 'tome:r=4', ... ordered by r). A trained variant
+(DTP-ViT 2x/4x/10x, the plain ViT itself) is one point. MACs are the visual tower's (encoder + CLIP
+projection) per image, counted on the eval images themselves, so DTP is counted on the tokens it
+actually keeps. `python -m dtpclip.profile --pareto DIR` drives this.
 """
+import copy
 import json
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from dtpclip.encoders.merge import apply_lgtm, apply_tome, merged_token_counts, remove_tome
 from dtpclip.evalsets import EvalSet
+from dtpclip.factory import apply_transforms
 from dtpclip.flops import count_macs
+from dtpclip.registry import parse_transform
 from dtpclip.zeroshot import run_zero_shot
 
-MERGE_METHODS: Dict[str, Callable] = {"tome": apply_tome, "lgtm": apply_lgtm}
+TRAINED = "trained"  # the method of a point that is a trained model, not a transform sweep
 
 
 def _macs_images(eval_set: EvalSet, count: int) -> torch.Tensor:
@@ -30,28 +33,29 @@ def _macs_images(eval_set: EvalSet, count: int) -> torch.Tensor:
 
 def accuracy_point(clip: torch.nn.Module, tokenizer: Callable, eval_set: EvalSet, label: str, method: str,
                    r: Optional[int] = None, macs_images: int = 4, device="cpu") -> dict:
-    """One point: zero-shot metrics, GMACs per image and tokens of the CLIP as it is now."""
-    macs = count_macs(clip.visual.eval(), _macs_images(eval_set, macs_images).to(device))
+    """One point: zero-shot metrics, GMACs per image and tokens (when the encoder reports them) of the CLIP."""
+    images = _macs_images(eval_set, macs_images).to(device)
+    macs = count_macs(clip.visual.eval(), images)
     result = run_zero_shot(clip, tokenizer, eval_set, device=device)
     point = {"label": label, "method": method, "r": r, "gmacs": macs.total / 1e9,
              "top1": result["top1"], "top5": result["top5"]}
-    if hasattr(clip.visual.trunk, "_tome_info"):
-        point["tokens_out"] = merged_token_counts(clip)[-1]
+    with torch.no_grad():
+        tokens = clip.visual.trunk.encode(images).stats.get("tokens_per_image")
+    if tokens is not None:
+        point["tokens_out"] = float(tokens)
     return point
 
 
-def merging_sweep(clip: torch.nn.Module, tokenizer: Callable, eval_set: EvalSet, rs: Iterable[int],
-                  methods: Iterable[str] = ("tome", "lgtm"), dense_layers: int = 2, local_layers: int = 2,
-                  label: str = "", device="cpu") -> List[dict]:
-    """Each method at each r on the same plain CLIP (patched in place, unpatched at the end)."""
+def transform_sweep(clip: torch.nn.Module, tokenizer: Callable, eval_set: EvalSet, specs: Iterable[str],
+                    label: str = "", calibration: Optional[Sequence[torch.Tensor]] = None,
+                    device="cpu") -> List[dict]:
+    """A point for each transform spec, applied alone to a copy of `clip` (which stays unpatched)."""
     points = []
-    for method in methods:
-        for r in rs:
-            extra = dict(dense_layers=dense_layers, local_layers=local_layers) if method == "lgtm" else {}
-            MERGE_METHODS[method](clip, r, **extra)
-            points.append(accuracy_point(clip, tokenizer, eval_set, f"{label} {method} r={r}".strip(), method,
-                                         r, device=device))
-    remove_tome(clip)
+    for spec in map(parse_transform, specs):
+        patched = copy.deepcopy(clip)
+        apply_transforms(patched.visual.trunk, [spec], calibration)
+        points.append(accuracy_point(patched, tokenizer, eval_set, f"{label} {spec}".strip(), spec.name,
+                                     spec.params.get("r"), device=device))
     return points
 
 
@@ -62,14 +66,14 @@ def plot_pareto(points: List[dict], path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method in MERGE_METHODS:
-        line = sorted((p for p in points if p["method"] == method), key=lambda p: p["r"])
-        if line:
-            ax.plot([p["gmacs"] for p in line], [100 * p["top1"] for p in line], "o-", label=method)
-            for p in line:
+    for method in dict.fromkeys(p["method"] for p in points if p["method"] != TRAINED):
+        line = sorted((p for p in points if p["method"] == method), key=lambda p: p["r"] or 0)
+        ax.plot([p["gmacs"] for p in line], [100 * p["top1"] for p in line], "o-", label=method)
+        for p in line:
+            if p["r"] is not None:
                 ax.annotate(f"r={p['r']}", (p["gmacs"], 100 * p["top1"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
-    for p in (p for p in points if p["method"] not in MERGE_METHODS):
+    for p in (p for p in points if p["method"] == TRAINED):
         ax.plot(p["gmacs"], 100 * p["top1"], "s", label=p["label"])
     ax.set_xlabel("GMACs per image (visual tower)")
     ax.set_ylabel("zero-shot top-1 (%)")

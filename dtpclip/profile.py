@@ -6,7 +6,6 @@ real forward (for DTP: with its actual boundaries, whose ratio is reported besid
 """
 import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,13 +14,16 @@ import open_clip
 import torch
 import torch.nn as nn
 
-from dtpclip.cli import make_parser, parse_args
-from dtpclip.clip import CLIP_TEXT_TOWERS, clip_embed_dim
-from dtpclip.encoders.merge import apply_lgtm, apply_tome
+from dtpclip.calibration import calibration_batches
+from dtpclip.cli import add_model_kwargs, add_transform, make_parser, parse_args, run_main
+from dtpclip.clip import clip_embed_dim, create_clip_and_transforms
+from dtpclip.evalsets import load_eval_set
+from dtpclip.evaluate import clip_name, demo_eval_dir, registry_name, resolve_model
+from dtpclip.factory import apply_transforms, create_encoder, encoder_transforms
 from dtpclip.flops import count_macs
 from dtpclip.measure import median_time, peak_memory_bytes
-from dtpclip.pareto import accuracy_point, merging_sweep, write_pareto
-from dtpclip.registry import create_encoder, encoder_info
+from dtpclip.pareto import TRAINED, accuracy_point, transform_sweep, write_pareto
+from dtpclip.registry import encoder_info
 
 
 DEFAULT_MODEL = "dtp_vit_base_patch32_224_10x"
@@ -50,7 +52,7 @@ def build_visual_tower(name: str, checkpoint: Optional[str] = None, embed_dim: O
     encoder = create_encoder(name, checkpoint=checkpoint, **encoder_kwargs)
     if embed_dim is None:  # encoders without a CLIP (e.g. ViT-Lite) are profiled bare
         size = encoder_info(name).size
-        embed_dim = clip_embed_dim(size) if size in CLIP_TEXT_TOWERS else 0
+        embed_dim = clip_embed_dim(size) if size.text_tower is not None else 0
     return VisualTower(encoder, embed_dim)
 
 
@@ -143,26 +145,22 @@ def format_profile(name: str, result: dict) -> str:
 
 
 def pareto_main(args) -> List[dict]:
-    """The --pareto job: load each CLIP, sweep merging on the plain one, write json + png."""
-    from dtpclip.clip import create_clip_and_transforms
-    from dtpclip.evaluate import demo_eval_dir, model_name, resolve_checkpoint
-    from dtpclip.evalsets import load_eval_set
-
+    """The --pareto job: load each CLIP, sweep the transforms on the first, write json + png."""
     if args.checkpoint is None:
-        raise ValueError("--pareto needs --checkpoint: a plain-ViT CLIP checkpoint to sweep merging on")
+        raise ValueError("--pareto needs --checkpoint: the CLIP (e.g. a plain ViT) the --sweep transforms patch")
     data = args.eval_data or demo_eval_dir()
     eval_sets, points = {}, []
     for i, checkpoint in enumerate([args.checkpoint, *args.points]):
-        weights, saved = resolve_checkpoint(checkpoint)
-        name = model_name(args.model if i == 0 else None, saved, checkpoint)
-        clip, _, preprocess = create_clip_and_transforms(name, pretrained=str(weights), device=args.device)
-        tokenizer = open_clip.get_tokenizer(name)
-        eval_set = eval_sets.setdefault(name, load_eval_set(data, preprocess))
+        source = resolve_model(checkpoint, args.model if i == 0 else None, args.model_kwargs if i == 0 else None)
+        clip, _, preprocess = create_clip_and_transforms(source.name, str(source.weights), source.model_kwargs,
+                                                         device=args.device)
+        tokenizer = open_clip.get_tokenizer(clip_name(source.name))
+        eval_set = eval_sets.setdefault(source.name, load_eval_set(data, preprocess))
         run = Path(checkpoint).name if Path(checkpoint).is_dir() else Path(checkpoint).parent.name
-        new = [accuracy_point(clip, tokenizer, eval_set, f"{name} ({run})", "trained", device=args.device)]
-        if i == 0 and args.tome_r:
-            new += merging_sweep(clip, tokenizer, eval_set, args.tome_r, dense_layers=args.dense_layers,
-                                 local_layers=args.local_layers, label=name, device=args.device)
+        new = [accuracy_point(clip, tokenizer, eval_set, f"{source.name} ({run})", TRAINED, device=args.device)]
+        if i == 0 and args.sweep:
+            calibration = calibration_batches(args.sweep, args.calib_data, preprocess, device=args.device)
+            new += transform_sweep(clip, tokenizer, eval_set, args.sweep, source.name, calibration, args.device)
         for p in new:
             print(f"{p['label']:40s} {p['gmacs']:.4f} GMACs  top-1 {100 * p['top1']:.1f}%")
         points += new
@@ -176,7 +174,12 @@ def main(argv=None):
     parser.add_argument("--model", default=None, help=f"registry encoder name (default {DEFAULT_MODEL}; "
                         "with --pareto: the checkpoint's open_clip name)")
     parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk (with --pareto: the "
-                        "plain CLIP the merging sweeps patch: file, checkpoint dir or run dir)")
+                        "CLIP the --sweep transforms patch: file, checkpoint dir or run dir)")
+    add_model_kwargs(parser)
+    add_transform(parser)
+    parser.add_argument("--sweep", nargs="+", default=None, metavar="SPEC",
+                        help="transform specs, each applied alone on top of --transform and profiled (with --pareto: "
+                             "evaluated), e.g. tome:r=2 tome:r=4 lgtm:r=4")
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--embed-dim", type=int, default=None,
@@ -187,32 +190,29 @@ def main(argv=None):
     parser.add_argument("--flops-images", type=int, default=4, help="images the MACs are averaged over")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--tome-r", type=int, nargs="+", default=None,
-                        help="ToMe r sweep: profile the encoder patched at each r (plain ViTs only)")
-    parser.add_argument("--lgtm", action="store_true", help="with --tome-r: DFE + LGTM instead of ToMe")
-    parser.add_argument("--dense-layers", type=int, default=2, help="LGTM: blocks kept dense")
-    parser.add_argument("--local-layers", type=int, default=2, help="LGTM: blocks merging inside 2x2 windows")
+    parser.add_argument("--calib-data", default=None, help="calibration images of a transform that calibrates "
+                        "(eval-set directory or shards); None: the demo's train shards")
     parser.add_argument("--pareto", default=None, metavar="DIR",
-                        help="write pareto.json + pareto.png to DIR: zero-shot top-1 vs GMACs of the --tome-r sweep "
-                        "(ToMe and DFE + LGTM) on --checkpoint, and of the --points checkpoints")
+                        help="write pareto.json + pareto.png to DIR: zero-shot top-1 vs GMACs of the --sweep on "
+                        "--checkpoint, and of the --points checkpoints")
     parser.add_argument("--points", nargs="*", default=[],
                         help="with --pareto: more trained CLIP checkpoints (e.g. DTP-ViT runs), one point each")
     parser.add_argument("--eval-data", default=None, help="with --pareto: eval set (default: the demo eval set)")
     args = parse_args(parser, argv)
     if args.pareto:
         return pareto_main(args)
-    args.model = args.model or DEFAULT_MODEL
-    kwargs = {"img_size": args.image_size} if args.image_size else {}
-    tower = build_visual_tower(args.model, args.checkpoint, args.embed_dim, **kwargs)
+    name, kwargs = args.model or DEFAULT_MODEL, args.model_kwargs
+    if args.checkpoint:  # its config names the model and its kwargs
+        source = resolve_model(args.checkpoint, args.model, args.model_kwargs)
+        name, kwargs = registry_name(source.name), source.model_kwargs
+    kwargs = {**kwargs, **({"img_size": args.image_size} if args.image_size else {})}
     results = []
-    for r in args.tome_r or [None]:
-        label = args.model
-        if r is not None:
-            if args.lgtm:
-                apply_lgtm(tower.encoder, r, args.dense_layers, args.local_layers)
-            else:
-                apply_tome(tower.encoder, r)
-            label = f"{args.model} {'lgtm' if args.lgtm else 'tome'} r={r}"
+    for spec in args.sweep or [None]:
+        tower = build_visual_tower(name, args.checkpoint, args.embed_dim, **kwargs)
+        specs = args.transforms + ([spec] if spec else [])
+        calibration = calibration_batches(specs, args.calib_data, encoder_transforms(tower.encoder)[1])
+        apply_transforms(tower.encoder, specs, calibration)
+        label = " ".join([name, *specs])
         result = {"model": label, **profile_tower(
             tower, args.batch_size, args.train, args.device, args.precision, args.flops_images, repeats=args.repeats)}
         print(json.dumps(result, indent=2) if args.json else format_profile(label, result))
@@ -221,4 +221,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

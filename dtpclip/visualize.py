@@ -9,58 +9,19 @@ DTP picture adds a panel with the boundary patches tinted red. One PNG per image
 
     python -m dtpclip.visualize --model dtp_vit_base_patch32_224_10x --checkpoint ckpt.safetensors \
         --images a.jpg b.jpg --out vis/
-    python -m dtpclip.visualize --model plain_vit_base_patch16_224 --method tome --r 13 --images a.jpg --out vis/
+    python -m dtpclip.visualize --model plain_vit_base_patch16_224 --transform tome:r=13 --images a.jpg --out vis/
 """
-import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from dtpclip.cli import make_parser, parse_args
-from dtpclip.encoders.dtp import DTPViT
-from dtpclip.encoders.merge import apply_lgtm, apply_tome, find_vit
-from dtpclip.registry import create_encoder
-
-METHODS = ("dtp", "tome", "lgtm")
-
-
-def segment_ids(boundaries: torch.Tensor) -> torch.Tensor:
-    """boundaries [B, L] in {0, 1} -> segment id of each patch [B, L] (a boundary closes its segment)."""
-    boundaries = boundaries.long()
-    return boundaries.cumsum(-1) - boundaries
-
-
-@torch.no_grad()
-def dtp_groups(model: DTPViT, images: torch.Tensor):
-    """(segment id per patch [B, H, W], boundaries [B, H, W]) of a DTP-ViT on `images`."""
-    if not isinstance(model, DTPViT):
-        raise TypeError(f"DTP segments need a DTP-ViT (dtp_vit_*), got {type(model).__name__}")
-    _, _, boundaries = model.forward_pooled(images)
-    grid = tuple(model.patch_embed.grid_size)
-    return segment_ids(boundaries).view(-1, *grid), boundaries.view(-1, *grid)
-
-
-@torch.no_grad()
-def merge_groups(model: torch.nn.Module, images: torch.Tensor, method: str = "tome", r=8,
-                 dense_layers: int = 2, local_layers: int = 2) -> torch.Tensor:
-    """Merged token holding each patch [B, H, W], after patching `model` in place with ToMe or LGTM."""
-    if method == "tome":
-        vit = apply_tome(model, r, trace_source=True)
-    elif method == "lgtm":
-        vit = apply_lgtm(model, r, dense_layers, local_layers, trace_source=True)
-    else:
-        raise ValueError(f"merge method must be 'tome' or 'lgtm', got {method!r}")
-    vit(images)
-    info = vit._tome_info
-    grid = tuple(vit.patch_embed.grid_size)
-    if info["source"] is None:  # nothing merged: every patch its own token
-        return torch.arange(grid[0] * grid[1]).expand(len(images), -1).reshape(-1, *grid)
-    patches = info["source"][..., int(info["class_token"]):]  # [B, N, H*W]
-    return patches.argmax(1).view(-1, *grid).cpu()
+from dtpclip.cli import add_model_kwargs, add_transform, make_parser, parse_args, run_main
+from dtpclip.factory import apply_transforms, create_encoder
+from dtpclip.registry import encoder_info, parse_transform
 
 
 def _palette(n: int, seed: int = 0) -> np.ndarray:
@@ -121,26 +82,24 @@ def load_images(paths: Sequence[str], model: torch.nn.Module):
     return inputs, shown
 
 
-def render(model: torch.nn.Module, paths: Sequence[str], out_dir, method: Optional[str] = None, r=8,
-           dense_layers: int = 2, local_layers: int = 2, display_size: int = 448) -> List[Path]:
-    """Write `<image stem>_<method>.png` for each image into `out_dir`; returns the paths."""
+def render(model: torch.nn.Module, paths: Sequence[str], out_dir, transforms: Sequence = (),
+           display_size: int = 448) -> List[Path]:
+    """Write `<image stem>_<label>.png` for each image into `out_dir` (label: the last transform's name, else
+    the encoder's family): the encoder's token groups (its contract's `token_groups`), after applying
+    the training-free `transforms` to `model` in place; returns the paths."""
     model = model.eval()
-    method = method or ("dtp" if isinstance(model, DTPViT) else "tome")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    specs = apply_transforms(model, transforms)
+    label = specs[-1].name if specs else encoder_info(model.pretrained_cfg["architecture"]).family
     inputs, shown = load_images(paths, model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if method == "dtp":
-        groups, boundaries = dtp_groups(model, inputs)
-    else:
-        groups, boundaries = merge_groups(find_vit(model), inputs, method, r, dense_layers, local_layers), None
+    groups, boundaries = model.token_groups(inputs)
     written = []
     for i, path in enumerate(paths):
-        panels = [shown[i], draw_groups(shown[i], groups[i].numpy())]
+        panels = [shown[i], draw_groups(shown[i], groups[i].cpu().numpy())]
         if boundaries is not None:
             panels.append(draw_boundaries(shown[i], boundaries[i].cpu().numpy()))
-        target = out_dir / f"{Path(path).stem}_{method}.png"
+        target = out_dir / f"{Path(path).stem}_{label}.png"
         _to_pil(panels, display_size).save(target)
         written.append(target)
     return written
@@ -148,24 +107,22 @@ def render(model: torch.nn.Module, paths: Sequence[str], out_dir, method: Option
 
 def main(argv=None) -> List[Path]:
     parser = make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="registry encoder name (dtp_vit_* or plain_vit_*)")
+    parser.add_argument("--model", required=True, help="registry encoder name (dtp_vit_*, plain_vit_*, ...)")
     parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk")
-    parser.add_argument("--method", default=None, choices=METHODS,
-                        help="what to draw (default: dtp for DTP-ViTs, tome otherwise)")
-    parser.add_argument("--r", type=int, default=8, help="ToMe / LGTM merges per block")
-    parser.add_argument("--dense-layers", type=int, default=2, help="LGTM: blocks kept dense")
-    parser.add_argument("--local-layers", type=int, default=2, help="LGTM: blocks merging inside 2x2 windows")
+    add_model_kwargs(parser)
+    add_transform(parser)
     parser.add_argument("--images", nargs="+", required=True, help="image files")
     parser.add_argument("--out", required=True, help="output folder for the PNGs")
     parser.add_argument("--display-size", type=int, default=448, help="PNG panel height (nearest upscaling)")
     args = parse_args(parser, argv)
-    model = create_encoder(args.model, checkpoint=args.checkpoint)
-    written = render(model, args.images, args.out, args.method, args.r, args.dense_layers, args.local_layers,
-                     args.display_size)
+    for spec in args.transforms:
+        parse_transform(spec)  # a bad spec fails before the model is built
+    model = create_encoder(args.model, checkpoint=args.checkpoint, **args.model_kwargs)
+    written = render(model, args.images, args.out, args.transforms, args.display_size)
     for path in written:
         print(path)
     return written
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

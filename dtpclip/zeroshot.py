@@ -27,11 +27,13 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dtpclip.cli import make_parser, parse_args, run_main
+from dtpclip.calibration import calibration_batches
+from dtpclip.checkpoint import write_json
+from dtpclip.cli import add_model_kwargs, add_transform, make_parser, parse_args, run_main
 from dtpclip.clip import create_clip_and_transforms, encode_image
 from dtpclip.evalsets import EvalSet, load_eval_set
-from dtpclip.evaluate import (ClassificationMeter, clip_name, demo_eval_dir, latest_demo_checkpoint, model_name,
-                              resolve_checkpoint, write_json)
+from dtpclip.evaluate import ClassificationMeter, clip_name, demo_eval_dir, resolve_model
+from dtpclip.factory import apply_transforms
 
 Template = Union[str, Callable[[str], str]]
 CLASSNAME_SETS = {"imagenet": IMAGENET_CLASSNAMES}
@@ -168,6 +170,10 @@ def make_arg_parser():
     parser.add_argument("--checkpoint", default=None,
                         help="open_clip checkpoint file (.safetensors/.pt/.bin), dtpclip checkpoint directory or "
                              "run directory; None: the latest demo checkpoint")
+    add_model_kwargs(parser)
+    add_transform(parser)
+    parser.add_argument("--calib-data", default=None, help="calibration images of a --transform that calibrates "
+                        "(eval-set directory or shards); None: the demo's train shards")
     parser.add_argument("--data", default=None, help="eval set directory, wds or ImageFolder; None: the demo's")
     parser.add_argument("--split", default="test", help="split folder of the eval set (root itself if absent)")
     parser.add_argument("--classnames", default=None,
@@ -184,22 +190,23 @@ def make_arg_parser():
 
 def main(argv=None) -> dict:
     args = parse_args(make_arg_parser(), argv)
-    if args.checkpoint is None:
-        weights, saved_name = latest_demo_checkpoint()
-    else:
-        weights, saved_name = resolve_checkpoint(args.checkpoint)
-    name = clip_name(model_name(args.model, saved_name, args.checkpoint or weights))
+    source = resolve_model(args.checkpoint, args.model, args.model_kwargs)
+    name = clip_name(source.name)
     data = Path(args.data).expanduser() if args.data else demo_eval_dir()
     if not data.is_dir():
         raise FileNotFoundError(f"--data {str(data)!r} does not exist (expected an eval set directory: "
                                 "CLIP_benchmark wds layout or ImageFolder)")
     classnames = load_classnames(args.classnames) if args.classnames else None
     templates = load_templates(args.templates) if args.templates else None
-    model, _, preprocess = create_clip_and_transforms(name, pretrained=str(weights), device=args.device)
+    model, _, preprocess = create_clip_and_transforms(name, str(source.weights), source.model_kwargs,
+                                                      device=args.device)
+    calibration = calibration_batches(args.transforms, args.calib_data, preprocess, device=args.device)
+    apply_transforms(model.visual.trunk, args.transforms, calibration)
     result = run_zero_shot(model, open_clip.get_tokenizer(name), data, preprocess, classnames, templates,
                            split=args.split, batch_size=args.batch_size, workers=args.workers,
                            device=args.device, progress=True)
-    result = {"model": name, "checkpoint": str(weights), "data": str(data), **result}
+    result = {"model": name, "model_kwargs": source.model_kwargs, "transforms": args.transforms,
+              "checkpoint": str(source.weights), "data": str(data), **result}
     print(json.dumps(result, indent=2))
     if args.output:
         write_json(args.output, result)

@@ -59,7 +59,11 @@ class AlignConfig:
     encoder_checkpoint: Optional[str] = field(default="demo", metadata={
         "help": "CLIP checkpoint for the tower; 'demo': the latest demo CLIP run (fresh with a warning if none); "
                 "'none': fresh"})
-    tome_r: int = field(default=0, metadata={"help": "ToMe merges per block (plain ViT towers)"})
+    model_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "encoder constructor kwargs, e.g. compression=0.2 (the encoder checkpoint's own come first)",
+        "kwargs": True})
+    transforms: list = field(default_factory=list, metadata={
+        "help": "training-free transforms of the tower, in order", "transforms": True})
     select_layer: int = field(default=-1, metadata={"help": "-1: encode() output; -k: plain ViT hidden state"})
     select_feature: str = field(default="patch", metadata={"help": "drop or keep CLS", "choices": SELECT_FEATURES})
     projector: str = field(default="mlp2x_gelu", metadata={"help": "projector kind", "choices": PROJECTORS})
@@ -179,7 +183,7 @@ def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
 def build_model(cfg: AlignConfig):
     """(LlavaModel with only the stage's parameters trainable, tokenizer)."""
     tower = build.build_vision_tower(cfg.encoder, cfg.encoder_checkpoint, cfg.select_layer, cfg.select_feature,
-                                     cfg.tome_r, cfg.seed)
+                                     cfg.transforms, cfg.seed, **cfg.model_kwargs)
     lm, tokenizer = build.load_lm(cfg.lm)
     torch.manual_seed(cfg.seed)
     model = LlavaModel(tower, lm, cfg.projector, cfg.max_length)
@@ -232,7 +236,7 @@ def save_final(engine, cfg: AlignConfig, tokenizer, rank: int) -> Optional[Path]
     if tower is not None:
         build.save_file_atomic(tower, staging / build.VISION_FILE)
     config = {"stage": cfg.stage, "encoder": cfg.encoder, "encoder_checkpoint": cfg.encoder_checkpoint,
-              "tome_r": cfg.tome_r, "select_layer": cfg.select_layer, "select_feature": cfg.select_feature,
+              "model_kwargs": cfg.model_kwargs, "transforms": cfg.transforms, "select_layer": cfg.select_layer, "select_feature": cfg.select_feature,
               "projector": cfg.projector, "lm": lm_path, "template": cfg.template, "max_length": cfg.max_length}
     (staging / build.CONFIG_FILE).write_text(json.dumps(config, indent=1))
     if final.exists():

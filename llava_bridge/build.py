@@ -1,7 +1,7 @@
 """Building the multimodal model from a run config, and loading a trained one back.
 
 A trained model is a directory (`<run>/final`) holding
-  llava_config.json        what to build: encoder, its CLIP checkpoint, select layer/feature,
+  llava_config.json        what to build: encoder, its kwargs and transforms, its CLIP checkpoint, select layer/feature,
                            projector kind, LM path (absolute, or relative to the directory), template
   projector.safetensors    the projector's weights
   vision_tower.safetensors the encoder's weights, only when it did not come from a checkpoint file
@@ -11,15 +11,16 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import timm
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dtpclip.checkpoint import load_checked
-from dtpclip.registry import create_encoder
+from dtpclip.checkpoint import checkpoint_config, load_checked, resolve_checkpoint
+from dtpclip.factory import apply_transforms, create_encoder
+from dtpclip.registry import parse_transform, transform_info
 from llava_bridge.conversation import Template, get_template
 from llava_bridge.model import LlavaModel, VisionTower
 
@@ -44,13 +45,17 @@ def resolve_encoder_checkpoint(given: Optional[str]) -> Optional[str]:
 
 
 def build_vision_tower(encoder: str, checkpoint: Optional[str], select_layer: int, select_feature: str,
-                       tome_r: int = 0, seed: int = 0, **encoder_kwargs) -> VisionTower:
-    """A frozen registry encoder (kwargs go to its constructor), optionally ToMe-patched with r = tome_r."""
+                       transforms: Sequence[str] = (), seed: int = 0, **model_kwargs) -> VisionTower:
+    """A frozen registry encoder (kwargs go to its constructor, after those its checkpoint's config
+    records), with calibration-free training-free `transforms` ('tome:r=4') applied in order."""
+    for spec in map(parse_transform, transforms):
+        if transform_info(spec.name).calibration:
+            raise ValueError(f"transform {spec} calibrates on images: apply it to the CLIP with python -m "
+                             "dtpclip.quantize and pass that checkpoint as the encoder checkpoint (it loads quantized)")
     torch.manual_seed(seed)  # a fresh tower is the same on every rank and in every run
-    model = create_encoder(encoder, checkpoint=checkpoint, **encoder_kwargs)
-    if tome_r:
-        from dtpclip.encoders.merge import apply_tome
-        apply_tome(model, r=tome_r)
+    saved = checkpoint_config(resolve_checkpoint(checkpoint)[0]).get("model_kwargs", {}) if checkpoint else {}
+    model = create_encoder(encoder, checkpoint=checkpoint, **{**saved, **model_kwargs})
+    apply_transforms(model, transforms)
     return VisionTower(model, select_layer, select_feature)
 
 
@@ -88,7 +93,7 @@ def load_trained(path, dtype: torch.dtype = torch.float32) -> Tuple[LlavaModel, 
                                 "launch/llava_align.py run (or the run directory)")
     cfg = json.loads((path / CONFIG_FILE).read_text())
     tower = build_vision_tower(cfg["encoder"], cfg["encoder_checkpoint"], cfg["select_layer"],
-                               cfg["select_feature"], cfg.get("tome_r", 0), **cfg.get("encoder_kwargs", {}))
+                               cfg["select_feature"], cfg.get("transforms", []), **cfg.get("model_kwargs", {}))
     if (path / VISION_FILE).is_file():
         load_checked(tower.encoder, load_file(str(path / VISION_FILE)), path / VISION_FILE)
     lm, tokenizer = load_lm(path / cfg["lm"], dtype)  # an absolute cfg["lm"] wins over `path`

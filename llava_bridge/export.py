@@ -19,7 +19,7 @@ def export_hf(model, tokenizer, config: dict, out_dir) -> Path:
     out_dir = Path(out_dir)
     text = model.language_model.config.to_dict()
     hf_config = DtpLlavaConfig(
-        encoder=config["encoder"], encoder_kwargs=config.get("encoder_kwargs", {}), tome_r=config.get("tome_r", 0),
+        encoder=config["encoder"], model_kwargs=config.get("model_kwargs", {}), transforms=config.get("transforms", []),
         select_layer=config["select_layer"], select_feature=config["select_feature"],
         projector=config["projector"], lm_config=text, max_sequence_length=config.get("max_length"))
     DtpLlavaConfig.register_for_auto_class()

@@ -15,15 +15,15 @@ from llava_bridge.model import LlavaModel
 
 
 class DtpLlavaConfig(PretrainedConfig):
-    """encoder (registry name), tome_r, select_layer, select_feature, projector, lm_config (LM config dict),
+    """encoder (registry name), model_kwargs, transforms (spec strings), select_layer, select_feature, projector, lm_config (LM config dict),
     max_sequence_length (the LM sequence cut after splicing)."""
 
     model_type = "dtpclip_llava"
 
-    def __init__(self, encoder: str = "dtp_vit_tiny_patch16_64_4x", encoder_kwargs=None, tome_r: int = 0,
+    def __init__(self, encoder: str = "dtp_vit_tiny_patch16_64_4x", model_kwargs=None, transforms=None,
                  select_layer: int = -1, select_feature: str = "patch", projector: str = "mlp2x_gelu",
                  lm_config=None, max_sequence_length=None, **kwargs):
-        self.encoder, self.encoder_kwargs, self.tome_r = encoder, encoder_kwargs or {}, tome_r
+        self.encoder, self.model_kwargs, self.transforms = encoder, model_kwargs or {}, list(transforms or [])
         self.select_layer, self.select_feature, self.projector = select_layer, select_feature, projector
         self.lm_config, self.max_sequence_length = lm_config or {}, max_sequence_length
         super().__init__(**kwargs)
@@ -40,7 +40,7 @@ class DtpLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         text = dict(config.lm_config)
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(text.pop("model_type"), **text))
         tower = build_vision_tower(config.encoder, None, config.select_layer, config.select_feature,
-                                   config.tome_r, **config.encoder_kwargs)
+                                   config.transforms, **config.model_kwargs)
         self.model = LlavaModel(tower, lm, config.projector, config.max_sequence_length)
         self.post_init()
 

@@ -24,9 +24,9 @@ class VisionTower(nn.Module):
     select_feature: 'patch' drops the prefix (CLS) tokens, 'cls_patch' keeps them (LLaVA's
     mm_vision_select_feature). select_layer (LLaVA's mm_vision_select_layer): -1 is the encoder
     contract's output (`encode(images).tokens`, final-normed) and works for every family; -k
-    (k >= 2) is the plain ViT's hidden state after block depth + 1 - k, before the final norm,
-    as LLaVA reads CLIP's hidden_states[-k]. DTP-ViT and token-merged ViTs only define their last
-    block's tokens (their token sets change inside the trunk), so they take -1 only.
+    (k >= 2) is the hidden state after block depth + 1 - k, before the final norm, as LLaVA reads
+    CLIP's hidden_states[-k] (the contract's `hidden_tokens`); encoders whose token set changes inside
+    the trunk (`hidden_layers_readable = False`: DTP-ViT, token-merged ViTs) take -1 only.
     """
 
     def __init__(self, encoder: nn.Module, select_layer: int = -1, select_feature: str = "patch"):
@@ -35,9 +35,8 @@ class VisionTower(nn.Module):
             raise ValueError(f"select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}")
         depth = len(encoder.blocks)
         if select_layer != -1:
-            from dtpclip.encoders.vit import PlainViT
-            if type(encoder) is not PlainViT:
-                raise ValueError(f"select_layer={select_layer} reads a hidden state of the plain ViT; "
+            if not getattr(encoder, "hidden_layers_readable", False):
+                raise ValueError(f"select_layer={select_layer} reads a hidden state of the encoder's blocks; "
                                  f"{type(encoder).__name__} defines only its last block's tokens: use -1")
             if not -depth <= select_layer <= -1:
                 raise ValueError(f"select_layer must be in [-{depth}, -1] for a {depth}-block ViT, got {select_layer}")
@@ -59,11 +58,8 @@ class VisionTower(nn.Module):
             out = self.encoder.encode(images)
             tokens, mask = out.tokens, out.token_mask
         else:
-            enc = self.encoder
-            x = enc.norm_pre(enc.patch_drop(enc._pos_embed(enc.patch_embed(images))))
-            for block in enc.blocks[: len(enc.blocks) + 1 + self.select_layer]:
-                x = block(x)
-            tokens, mask = x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            tokens = self.encoder.hidden_tokens(images, len(self.encoder.blocks) + 1 + self.select_layer)
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         if self.select_feature == "patch":
             prefix = self.encoder.num_prefix_tokens
             tokens, mask = tokens[:, prefix:], mask[:, prefix:]

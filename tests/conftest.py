@@ -45,3 +45,10 @@ def small_demo(tmp_path_factory):
     from dtpclip.demo_data import DemoConfig, ensure_demo_data
     return ensure_demo_data(tmp_path_factory.mktemp("demo"),
                             DemoConfig(num_train=192, num_eval=60, shard_size=48))
+
+
+@pytest.fixture(scope="session")
+def demo_lm(small_demo, tmp_path_factory):
+    """The demo's tiny causal LM, briefly trained on the small demo's captions."""
+    from llava_bridge.demo_lm import ensure_demo_lm
+    return ensure_demo_lm(tmp_path_factory.mktemp("lm") / "lm", small_demo.llava_json, steps=40)

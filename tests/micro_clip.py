@@ -1,37 +1,24 @@
-"""CLIPs small enough to train for a few steps in a test (ViT / DTP-ViT 32 wide, 1-layer text), and
-a launcher entry that knows them, for tests that run training in a subprocess."""
+"""CLIPs small enough to train for a few steps in a test (ViT / DTP-ViT 32 wide, 1-layer text), registered
+through the documented API (`dtpclip.register_family`), and a launcher entry that knows them, for tests
+that run training in a subprocess."""
 import sys
 
-from open_clip.factory import _MODEL_CONFIGS
-from timm.models import register_model
-
-import dtpclip  # noqa: F401
+import dtpclip
 from dtpclip.encoders.dtp import DTPViT
-from dtpclip.encoders.vit import PlainViT, build_vit_family
+from dtpclip.encoders.vit import PlainViT
+from dtpclip.registry import SIZES
 
-MICRO = {"embed_dim": 32, "depth": 4, "num_heads": 2}
-
-
-def dtp_vit_micro_patch8_64(pretrained=False, **kwargs):
-    return build_vit_family(DTPViT, "dtp_vit_tiny_patch8_64", "tiny_patch8_64", pretrained,
-                            **{**MICRO, "compression": 0.25, **kwargs})
-
-
-def plain_vit_micro_patch8_64(pretrained=False, **kwargs):
-    return build_vit_family(PlainViT, "plain_vit_tiny_patch8_64", "tiny_patch8_64", pretrained, **{**MICRO, **kwargs})
+MICRO = dtpclip.Size(
+    "micro_patch8_64", "Micro", {**SIZES["tiny_patch8_64"].vit, "embed_dim": 32, "depth": 4, "num_heads": 2},
+    {"embed_dim": 32, "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}})
 
 
 def register_micro_clip(family: str = "dtp") -> str:
     """Register the micro encoder of `family` ('dtp' or 'vit') and its CLIP; returns the CLIP's name."""
-    encoder = {"dtp": dtp_vit_micro_patch8_64, "vit": plain_vit_micro_patch8_64}[family]
-    register_model(encoder)
-    name = f"{family.upper()}-Micro-test"
-    _MODEL_CONFIGS[name] = {
-        "embed_dim": 32,
-        "vision_cfg": {"timm_model_name": encoder.__name__, "timm_pool": "", "timm_proj": "linear", "image_size": 64},
-        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    return name
+    model_cls = {"dtp": DTPViT, "vit": PlainViT}[family]
+    info, = dtpclip.register_family(family, model_cls, f"{family}_vit_{{size}}", f"{family.upper()}-Micro-test",
+                                    sizes=[MICRO])
+    return info.clip_name
 
 
 if __name__ == "__main__":  # python tests/micro_clip.py <launcher flags>

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from dtpclip import classify
 from dtpclip.classify import build_classifier, train_classifier
-from dtpclip.evaluate import CONFIG_FILE, WEIGHTS_FILE
+from dtpclip.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from dtpclip.encoders.quant import quant_config
 from dtpclip.losses import Distiller, load_teacher
 from test_classify import coloured_images, image_folder

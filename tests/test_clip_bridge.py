@@ -105,3 +105,23 @@ def test_lock_image_tower_and_grad_checkpointing():
 def test_encode_image_rejects_open_clip_native_towers():
     with pytest.raises(TypeError, match="no registry encoder"):
         encode_image(open_clip.create_model("RN50"), torch.zeros(1, 3, 224, 224))
+
+
+def test_model_kwargs_reach_the_clip_tower_and_its_preprocess():
+    clip, _, preprocess = create_clip_and_transforms("DTP-ViT-Ti-8-64", model_kwargs={"compression": 0.2,
+                                                                                   "pre_layers": 3})
+    trunk = clip.visual.trunk
+    assert trunk.boundary_predictor.prior == 0.2 and trunk.pre_layers == 3
+    assert dtpclip.encoder_info("DTP-ViT-Ti-8-64").compression == 0.25  # the registered default is untouched
+    clip, _, preprocess = create_clip_and_transforms("PlainViT-Ti-8-64", model_kwargs={"img_size": 32})
+    image = preprocess(Image.new("RGB", (80, 80)))
+    assert image.shape == (3, 32, 32) and encode_image(clip, image[None])[0].shape == (1, 128)
+
+
+def test_registry_metadata_is_read_off_the_built_model():
+    """One fact in one place: the registry's compression is the built model's boundary prior."""
+    for info in (i for i in dtpclip.list_encoders("dtp") if i.size.img_size <= 64):
+        with torch.device("meta"):
+            prior = timm.create_model(info.name).boundary_predictor.prior
+        assert info.compression == prior
+    assert dtpclip.encoder_info("dtp_vit_tiny_patch16_64").compression == 0.25

@@ -16,7 +16,7 @@ def force_every_boundary(model):
 
 def test_registry_lists_every_family_and_size():
     names = {i.name for i in dtpclip.list_encoders()}
-    for size in dtpclip.registry.VIT_SIZES:
+    for size in dtpclip.registry.SIZES:
         assert f"plain_vit_{size}" in names
         for suffix in ("", "_2x", "_4x", "_10x"):
             assert f"dtp_vit_{size}{suffix}" in names

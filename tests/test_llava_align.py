@@ -14,16 +14,10 @@ from safetensors.torch import load_file
 from llava_bridge import align
 from llava_bridge.align import AlignConfig, deepspeed_config, train
 from llava_bridge.build import load_trained
-from llava_bridge.demo_lm import ensure_demo_lm
 from llava_bridge.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module")
-def demo_lm(small_demo, tmp_path_factory):
-    return ensure_demo_lm(tmp_path_factory.mktemp("lm") / "lm", small_demo.llava_json, steps=40)
 
 
 def flags(small_demo, demo_lm, run_dir, **overrides) -> dict:

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from conftest import tiny
 from safetensors.torch import save_file
 
-from dtpclip.evaluate import CONFIG_FILE, WEIGHTS_FILE
+from dtpclip.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from dtpclip.losses import (Distiller, block_outputs, cosine_feature_loss, dkd_loss, dkd_parts, kd_loss,
                             load_teacher, mse_feature_loss)
-from dtpclip.registry import create_encoder
+from dtpclip.factory import create_encoder
 
 
 def test_dkd_equals_a_hand_computed_value():

@@ -231,7 +231,7 @@ def test_open_clip_tower_is_patched_in_place(images):
 
 
 def test_dtp_and_non_vits_are_rejected():
-    with pytest.raises(TypeError, match="does not apply to DTP-ViT"):
+    with pytest.raises(TypeError, match="does not apply to DTPViT"):
         apply_tome(tiny("dtp_vit_tiny_patch8_64"), r=4)
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         apply_tome(torch.nn.Linear(2, 2), r=4)

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from dtpclip import profile
 from dtpclip.evalsets import load_eval_set
-from dtpclip.pareto import merging_sweep
+from dtpclip.pareto import transform_sweep
 
 
 def save_clip(directory, name: str, seed: int):
@@ -23,7 +23,7 @@ def test_pareto_writes_merging_lines_and_trained_points(tmp_path, small_demo):
     plain = save_clip(tmp_path / "plain", "PlainViT-Ti-8-64", 0)
     dtp = save_clip(tmp_path / "dtp", "DTP-ViT-Ti-8-64-4x", 1)
     points = profile.main(["--pareto", str(tmp_path / "out"), "--checkpoint", str(plain), "--points", str(dtp),
-                           "--tome-r", "4", "8", "--eval-data", str(small_demo.eval_dir)])
+                           "--sweep", "tome:r=4", "tome:r=8", "lgtm:r=4", "lgtm:r=8", "--eval-data", str(small_demo.eval_dir)])
     saved = json.loads((tmp_path / "out" / "pareto.json").read_text())
     assert saved == points and (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
     by = {(p["method"], p["r"]): p for p in points}
@@ -36,13 +36,13 @@ def test_pareto_writes_merging_lines_and_trained_points(tmp_path, small_demo):
     assert all(0 <= p["top1"] <= p["top5"] <= 1 for p in points)
 
 
-def test_merging_sweep_leaves_the_clip_unpatched(small_demo):
+def test_transform_sweep_leaves_the_clip_unpatched(small_demo):
     torch.manual_seed(0)
     clip = open_clip.create_model("PlainViT-Ti-8-64").eval()
     eval_set = load_eval_set(small_demo.eval_dir, open_clip.image_transform(64, is_train=False))
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         before = clip.encode_image(images)
-        points = merging_sweep(clip, open_clip.get_tokenizer("PlainViT-Ti-8-64"), eval_set, [0, 4], methods=["tome"])
+        points = transform_sweep(clip, open_clip.get_tokenizer("PlainViT-Ti-8-64"), eval_set, ["tome:r=0", "tome:r=4"])
         assert torch.equal(clip.encode_image(images), before)
     assert not hasattr(clip.visual.trunk, "_tome_info") and points[0]["tokens_out"] == 65

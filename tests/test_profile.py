@@ -73,8 +73,8 @@ def test_config_file_with_unknown_key_names_the_file(tmp_path, capsys):
 
 
 def test_profile_tome_sweep_lowers_macs(capsys):
-    results = main(["--model", "plain_vit_tiny_patch8_64", "--tome-r", "0", "8", "--batch-size", "2",
+    results = main(["--model", "plain_vit_tiny_patch8_64", "--sweep", "tome:r=0", "tome:r=8", "--batch-size", "2",
                     "--repeats", "1", "--flops-images", "1", "--embed-dim", "0", "--json"])
-    assert [r["model"] for r in results] == ["plain_vit_tiny_patch8_64 tome r=0", "plain_vit_tiny_patch8_64 tome r=8"]
+    assert [r["model"] for r in results] == ["plain_vit_tiny_patch8_64 tome:r=0", "plain_vit_tiny_patch8_64 tome:r=8"]
     assert results[1]["gmacs"] < 0.8 * results[0]["gmacs"]
     assert results[1]["stats"]["tokens_per_image"] < results[0]["stats"]["tokens_per_image"]

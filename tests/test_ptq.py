@@ -9,14 +9,14 @@ import torch
 from conftest import tiny
 from test_zeroshot import make_wds, saved_clip
 
-from dtpclip import quantize, zeroshot
+from dtpclip import calibration, quantize, zeroshot
 from dtpclip.clip import create_clip_and_transforms
 from dtpclip.encoders.merge import apply_tome, merged_token_counts
 from dtpclip.encoders.ptq import (LogSqrt2Quantizer, UniformQuantizer, _fake_quant, apply_ptq, apply_qwt,
                                   fit_compensation, fold_scales)
 from dtpclip.encoders.quant import apply_quant_config, quant_config
-from dtpclip.evaluate import resolve_checkpoint
-from dtpclip.registry import create_encoder
+from dtpclip.checkpoint import resolve_checkpoint
+from dtpclip.factory import create_encoder
 from dtpclip.zeroshot import run_zero_shot
 
 
@@ -150,7 +150,7 @@ def test_quantize_cli_checkpoint_reads_back_identically(tmp_path_factory, tmp_pa
 
     # the same quantization in memory (same images, deterministic calibration)
     expected, _, preprocess = create_clip_and_transforms(name, pretrained=str(path))
-    images = quantize.calibration_images(data, preprocess, 8)
+    images = calibration.calibration_images(data, preprocess, 8)
     apply_ptq(expected.visual.trunk, 4, 4, list(images.split(16)), qwt=True)
     weights, saved_name = resolve_checkpoint(out)
     loaded = create_clip_and_transforms(saved_name, pretrained=str(weights))[0].eval()  # zeroshot's loader
@@ -171,18 +171,18 @@ def test_quantize_cli_bad_inputs_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no demo checkpoint.*clip_pretrain"):
         quantize.main([])
     with pytest.raises(ValueError, match="--calib-images must be at least 1"):
-        quantize.calibration_images(tmp_path, lambda image: image, 0)
+        calibration.calibration_images(tmp_path, lambda image: image, 0)
 
 
 def test_calibration_images_from_train_shards_and_an_eval_set(small_demo):
     from open_clip.transform import image_transform
 
     preprocess = image_transform(64, is_train=False)
-    shards = quantize.calibration_images(small_demo.root / "train", preprocess, 5)
-    evalset = quantize.calibration_images(small_demo.eval_dir, preprocess, 5)
+    shards = calibration.calibration_images(small_demo.root / "train", preprocess, 5)
+    evalset = calibration.calibration_images(small_demo.eval_dir, preprocess, 5)
     assert shards.shape == evalset.shape == (5, 3, 64, 64)
-    assert torch.equal(evalset, quantize.calibration_images(small_demo.eval_dir, preprocess, 5))  # seeded
-    assert not torch.equal(evalset, quantize.calibration_images(small_demo.eval_dir, preprocess, 5, seed=1))
+    assert torch.equal(evalset, calibration.calibration_images(small_demo.eval_dir, preprocess, 5))  # seeded
+    assert not torch.equal(evalset, calibration.calibration_images(small_demo.eval_dir, preprocess, 5, seed=1))
 
 
 def test_vit_lite_ptq_is_close_at_w8a8_and_its_state_restores_exactly():

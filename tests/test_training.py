@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from dtpclip.checkpoint import read_state_dict
-from dtpclip.evaluate import resolve_checkpoint
+from dtpclip.checkpoint import resolve_checkpoint
 from dtpclip.training import ContrastiveModel, TrainConfig, contrastive_step, load_clip_teacher, param_groups, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ from PIL import Image
 
 from conftest import tiny
 from dtpclip import visualize
+from dtpclip.encoders.dtp import segment_ids
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def image_files(tmp_path):
 
 def test_segment_ids_are_the_exclusive_cumsum_of_boundaries():
     boundaries = torch.tensor([[0, 1, 0, 0, 1, 1, 0]])
-    assert visualize.segment_ids(boundaries).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
+    assert segment_ids(boundaries).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
 
 
 def test_draw_groups_fills_each_group_with_its_mean_colour():
@@ -44,9 +45,8 @@ def test_each_method_writes_a_different_png(image_files, tmp_path):
     with torch.no_grad():
         dtp.boundary_predictor.mlp[-1].bias.fill_(0.0)  # about half the patches close a segment
     written = {"dtp": visualize.render(dtp, image_files, tmp_path / "out", display_size=128)}
-    for method in ("tome", "lgtm"):
-        written[method] = visualize.render(tiny(), image_files, tmp_path / "out", method=method, r=8,
-                                           dense_layers=1, local_layers=2, display_size=128)
+    for spec in ("tome:r=8", "lgtm:r=8,dense=1,local=2"):
+        written[spec[:4]] = visualize.render(tiny(), image_files, tmp_path / "out", [spec], display_size=128)
     pictures = {}
     for method, paths in written.items():
         assert [p.name for p in paths] == [f"img0_{method}.png", f"img1_{method}.png"]
@@ -61,7 +61,7 @@ def test_each_method_writes_a_different_png(image_files, tmp_path):
 
 def test_cli_takes_flags_and_a_config_file(image_files, tmp_path):
     config = tmp_path / "vis.yaml"
-    config.write_text("method: lgtm\nr: 4\ndense-layers: 1\n")
+    config.write_text("transform: ['lgtm:r=4,dense=1']\n")
     written = visualize.main(["--config", str(config), "--model", "plain_vit_tiny_patch8_64",
                               "--images", *image_files, "--out", str(tmp_path / "cli"), "--display-size", "64"])
     assert [p.name for p in written] == ["img0_lgtm.png", "img1_lgtm.png"] and all(p.is_file() for p in written)
@@ -70,7 +70,7 @@ def test_cli_takes_flags_and_a_config_file(image_files, tmp_path):
 def test_bad_inputs_are_clear_errors(image_files, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.png' does not exist"):
         visualize.render(tiny(), ["nope.png"], tmp_path)
-    with pytest.raises(TypeError, match="DTP-ViT"):
-        visualize.render(tiny(), image_files, tmp_path, method="dtp")
-    with pytest.raises(TypeError, match="does not apply to DTP-ViT"):
-        visualize.render(tiny("dtp_vit_tiny_patch8_64"), image_files, tmp_path, method="tome")
+    with pytest.raises(ValueError, match="unknown transform 'dtp'"):
+        visualize.render(tiny(), image_files, tmp_path, ["dtp"])
+    with pytest.raises(TypeError, match="does not apply to DTPViT"):
+        visualize.render(tiny("dtp_vit_tiny_patch8_64"), image_files, tmp_path, ["tome:r=4"])

@@ -13,7 +13,8 @@ from vector_quantize_pytorch import FSQ
 
 from dtpclip.clip import create_clip_and_transforms, encode_image
 from dtpclip.encoders.vq import TIMM_IMAGENET_LAYOUT, FSQuantizer, VQFFNBlock, VQMSABlock, round_ste
-from dtpclip.registry import create_encoder, list_encoders
+from dtpclip.factory import create_encoder
+from dtpclip.registry import list_encoders
 
 
 def unit_temperature(quantizer: FSQuantizer) -> FSQuantizer:

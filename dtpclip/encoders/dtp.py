@@ -14,9 +14,7 @@ from torch.distributions import Binomial, RelaxedBernoulli
 
 from dtpclip.encoders.output import EncoderOutput
 from dtpclip.encoders.packing import PackedRows
-from dtpclip.encoders.vit import PlainViT, build_vit_family, default_cfg
-from dtpclip.registry import CLIP_TAGS, VIT_SIZES, EncoderInfo, register_encoder
-from timm.models import generate_default_cfgs
+from dtpclip.encoders.vit import PlainViT, register_vit_family
 
 # Named compression variants: suffix -> prior (fraction of patches that close a segment).
 COMPRESSIONS = {"2x": 0.5, "4x": 0.25, "10x": 0.1}
@@ -30,11 +28,9 @@ class BoundaryPredictor(nn.Module):
       'expected'  each image keeps its round(sum p) most probable boundaries (the default);
       'threshold' hard = p > threshold (DTP's rule for a converged predictor);
       'sample'    the training-time sampling.
-    Why 'expected' by default: deterministic, it pools at the rate training did even while p is
-    still unsure, and equals 'threshold' once p is confident (0 or 1). Thresholding a predictor
-    that still sits near its prior (p = 0.25 < 0.5) keeps ~1 token per image. Demo CLIP, DTP 4x
-    after 8 epochs, zero-shot top-1: 34.9% thresholded, 39.2% expected, 39.2% sampled.
-    The output bias starts at logit(prior) so an untrained model already pools at the target rate.
+    'expected' is the default because it pools at the training rate even while p is unsure (README,
+    Design decisions). The output bias starts at logit(prior), so an untrained model already pools
+    at the target rate.
     """
 
     EVAL_RULES = ("expected", "threshold", "sample")
@@ -73,6 +69,12 @@ class BoundaryPredictor(nn.Module):
         return -binomial.log_prob(boundaries.float().sum(-1)).mean() / length
 
 
+def segment_ids(boundaries: torch.Tensor) -> torch.Tensor:
+    """boundaries [B, L] in {0, 1} -> segment id of each patch [B, L]: the exclusive cumsum (a boundary closes
+    its segment)."""
+    return boundaries.cumsum(-1) - boundaries
+
+
 def segment_pool(tokens: torch.Tensor, boundaries: torch.Tensor):
     """Mean of each segment; a boundary closes its segment, the trailing open segment is kept.
 
@@ -81,10 +83,10 @@ def segment_pool(tokens: torch.Tensor, boundaries: torch.Tensor):
     weight of token l in slot s is 1 - (s - id_l) where they match, so the straight-through
     gradient of the boundaries reaches the predictor, as in the DTP reference.
     """
-    segment_ids = boundaries.cumsum(-1) - boundaries  # [B, L]
-    num_segments = segment_ids[:, -1].detach() + 1  # [B]
+    ids = segment_ids(boundaries)  # [B, L]
+    num_segments = ids[:, -1].detach() + 1  # [B]
     slots = torch.arange(int(num_segments.max()), device=tokens.device, dtype=boundaries.dtype)
-    offset = slots.view(1, 1, -1) - segment_ids.unsqueeze(-1)  # [B, L, S], 0 where l is in s
+    offset = slots.view(1, 1, -1) - ids.unsqueeze(-1)  # [B, L, S], 0 where l is in s
     weights = torch.where(offset == 0, 1.0 - offset, torch.zeros_like(offset))
     counts = weights.sum(1, keepdim=True)
     weights = weights / (counts + (counts == 0).to(counts.dtype))
@@ -104,6 +106,8 @@ class DTPViT(PlainViT):
     """
 
     fresh_parameter_prefixes = ("boundary_predictor.",)
+    mergeable = False  # it pools its own tokens into variable-length segments
+    hidden_layers_readable = False  # the token set changes after `pre_layers`
 
     def __init__(self, compression: float = 0.25, pre_layers: int = 2, temperature: float = 0.5,
                  threshold: float = 0.5, eval_boundaries: str = "expected", predictor_hidden_dim=None,
@@ -193,21 +197,16 @@ class DTPViT(PlainViT):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encode(images).pooled)
 
+    @torch.no_grad()
+    def token_groups(self, images: torch.Tensor):
+        """(segment of each patch [B, H, W], boundaries [B, H, W]): a boundary closes its segment."""
+        boundaries = self.forward_pooled(images)[2].long()
+        grid = tuple(self.patch_embed.grid_size)
+        return segment_ids(boundaries).view(-1, *grid), boundaries.view(-1, *grid)
 
-def _register(size: str, suffix: str = "") -> None:
-    name = f"dtp_vit_{size}" + (f"_{suffix}" if suffix else "")
-    preset = {"compression": COMPRESSIONS[suffix]} if suffix else {}
-    register_encoder(
-        lambda pretrained=False, **kwargs: build_vit_family(DTPViT, name, size, pretrained, **{**preset, **kwargs}),
-        EncoderInfo(name=name, family="dtp", size=size, compression=preset.get("compression"),
-                    clip_name=f"DTP-ViT-{CLIP_TAGS[size]}-{suffix}" if suffix else None),
-    )
+    def settings(self) -> dict:
+        return {"compression": self.boundary_predictor.prior, "pre_layers": self.pre_layers}
 
 
-default_cfgs = generate_default_cfgs({
-    f"dtp_vit_{size}" + (f"_{suffix}" if suffix else ""): default_cfg(size)
-    for size in VIT_SIZES for suffix in ("", *COMPRESSIONS)
-})
-for _size in VIT_SIZES:
-    for _suffix in ("", *COMPRESSIONS):
-        _register(_size, _suffix)
+register_vit_family("dtp", DTPViT, "dtp_vit_{size}", "DTP-ViT-{tag}",
+                    variants={"": {}, **{k: {"compression": v} for k, v in COMPRESSIONS.items()}})

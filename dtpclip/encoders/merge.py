@@ -17,8 +17,8 @@ the remaining blocks merge globally with ToMe's r.
 
 Layout, as in ToMe: pure functions that know nothing of timm (`bipartite_soft_matching`,
 `windowed_soft_matching`, `merge_wavg`, `merge_source`, `parse_r`), then one patch layer that
-swaps the classes of the encoder's timm `Block` and `Attention` modules and keeps its state in
-one dict, `encoder._tome_info`:
+swaps the classes of the encoder's timm `Block` (to `ToMeBlock`) and `Attention` (to the shared
+`HookedAttention`) modules and keeps its state in one dict, `encoder._tome_info`:
 
     r            per-layer merges (after `parse_r`; LGTM: 0 in the dense layers)
     local        per-layer flag: merge inside the four windows (ceil(r / 4) per window)
@@ -37,12 +37,12 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers.attention import Attention
-from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from dtpclip.encoders.vit import PlainViT, build_vit_family, default_cfg
-from dtpclip.encoders.vit import find_vit as find_any_vit  # merge.find_vit adds the DTP refusal
-from dtpclip.registry import CLIP_TAGS, VIT_SIZES, EncoderInfo, register_encoder
+from dtpclip.encoders.attention import HookedAttention, hook_attention
+from dtpclip.encoders.vit import PlainViT, register_vit_family
+from dtpclip.encoders.vit import find_vit as find_any_vit
+from dtpclip.registry import register_transform
 
 RSchedule = Union[int, List[int], Tuple[int, float]]  # see parse_r
 MergeFn = Callable[..., torch.Tensor]
@@ -204,60 +204,16 @@ def parse_r(num_layers: int, r: RSchedule) -> List[int]:
 # The timm patch
 # --------------------------------------------------------------------------------------------
 
-def _with_log_size(attn_mask: Optional[torch.Tensor], size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Proportional attention as an additive float mask over keys, [B, 1, 1, N], for SDPA."""
-    bias = size[..., 0].log()[:, None, None, :].to(dtype)
-    if attn_mask is None:
-        return bias
-    if attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros_like(attn_mask, dtype=dtype).masked_fill_(~attn_mask, float("-inf"))
-    return attn_mask + bias
-
-
-class ToMeAttention(Attention):
-    """timm's Attention plus proportional attention (`size`) and the merge metric.
-
-    The forward is timm 1.0's with two additions: log(size) joins the logits as a float
-    `attn_mask` over keys, so the fused SDPA kernel stays in use; with `return_metric` it returns
-    (output, keys averaged over heads [B, N, head_dim]) instead of the output alone.
-    """
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                size: Optional[torch.Tensor] = None, return_metric: bool = False):
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if size is not None:
-            attn_mask = _with_log_size(attn_mask, size, q.dtype)
-
-        if self.fused_attn:
-            out = nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
-                is_causal=is_causal)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if is_causal:
-                attn = attn + attn.new_full((N, N), float("-inf")).triu_(1)
-            elif attn_mask is not None:
-                if attn_mask.dtype == torch.bool:
-                    attn_mask = torch.zeros_like(attn_mask, dtype=attn.dtype).masked_fill_(~attn_mask, float("-inf"))
-                attn = attn + attn_mask
-            out = self.attn_drop(attn.softmax(dim=-1)) @ v
-
-        out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
-        if gate is not None:
-            out = out * gate
-        out = self.proj_drop(self.proj(out))
-        return (out, k.mean(1)) if return_metric else out
-
-
 class ToMeBlock(Block):
     """timm's Block with merging between attention and MLP (ToMe), by this block's schedule entry."""
 
     _tome_info: dict
     _tome_layer: int
+
+    @property
+    def merges_tokens(self) -> bool:
+        """Whether the patched encoder merges anywhere (then a block's output tokens differ from its input)."""
+        return any(self._tome_info["r"])
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -302,6 +258,7 @@ class _ToMeEncoder:
     """Mixed in before the encoder's class: size-weighted 'avg' pooling and a token-count stat."""
 
     _tome_info: dict
+    hidden_layers_readable = False  # merged token sets differ from block to block
 
     def forward_features(self, *args, **kwargs):
         if self.grad_checkpointing and torch.is_grad_enabled() and any(self._tome_info["r"]):
@@ -324,6 +281,25 @@ class _ToMeEncoder:
         out.stats["tokens_per_image"] = torch.tensor(float(out.tokens.shape[1]), device=out.tokens.device)
         return out
 
+    @torch.no_grad()
+    def token_groups(self, images: torch.Tensor):
+        """(merged token holding each patch [B, H, W], None), traced on one forward of `images`."""
+        info = self._tome_info
+        trace, info["trace_source"] = info["trace_source"], True
+        try:
+            self.forward_features(images)
+        finally:
+            info["trace_source"] = trace
+        grid = tuple(self.patch_embed.grid_size)
+        if info["source"] is None:  # nothing merged: every patch its own token
+            return super().token_groups(images)
+        patches = info["source"][..., int(info["class_token"]):]  # [B, N, H*W]
+        return patches.argmax(1).view(-1, *grid).cpu(), None
+
+    def settings(self) -> dict:
+        info = self._tome_info
+        return {**super().settings(), "merge_r": list(info["r"]), "local_layers": sum(info["local"])}
+
 
 _PATCHED_CLASSES: dict = {}
 
@@ -335,13 +311,11 @@ def _patched_class(cls: type) -> type:
 
 
 def find_vit(model: nn.Module) -> VisionTransformer:
-    """The timm ViT to patch (see `vit.find_vit`); DTP-ViT is refused."""
-    from dtpclip.encoders.dtp import DTPViT
-
+    """The timm ViT to patch (see `vit.find_vit`); encoders whose contract says `mergeable = False` are refused."""
     vit = find_any_vit(model, "token merging")
-    if isinstance(vit, DTPViT):
-        raise TypeError("token merging does not apply to DTP-ViT: it pools its own tokens into variable-length "
-                        "segments; use a plain ViT (plain_vit_*)")
+    if not getattr(vit, "mergeable", False):
+        raise TypeError(f"token merging does not apply to {type(vit).__name__} (its `mergeable` is False: it "
+                        "changes its own token set, or its blocks are not timm's); use a plain ViT (plain_vit_*)")
     return vit
 
 
@@ -353,7 +327,7 @@ def _patch(vit: VisionTransformer) -> dict:
         raise NotImplementedError(f"token merging protects the class token only; this ViT has "
                                   f"{vit.num_prefix_tokens} prefix tokens (register / distillation tokens)")
     for i, block in enumerate(vit.blocks):
-        if type(block) is not Block or type(block.attn) is not Attention:
+        if type(block) is not Block or type(block.attn) not in (Attention, HookedAttention):
             raise TypeError(f"token merging patches timm's Block / Attention; block {i} is "
                             f"{type(block).__name__} with {type(block.attn).__name__}")
     info = {"r": [0] * len(vit.blocks), "local": [False] * len(vit.blocks), "size": None, "source": None,
@@ -363,7 +337,7 @@ def _patch(vit: VisionTransformer) -> dict:
     vit._tome_info = info
     for i, block in enumerate(vit.blocks):
         block.__class__ = ToMeBlock
-        block.attn.__class__ = ToMeAttention
+        hook_attention(block.attn)
         block._tome_info, block._tome_layer = info, i
     return info
 
@@ -412,7 +386,9 @@ def remove_tome(model: nn.Module) -> VisionTransformer:
     vit.__class__ = vit._tome_base
     del vit._tome_info
     for block in vit.blocks:
-        block.__class__, block.attn.__class__ = Block, Attention
+        block.__class__ = Block
+        if not block.attn.quantized:
+            block.attn.__class__ = Attention
         del block._tome_info, block._tome_layer
     return vit
 
@@ -435,39 +411,42 @@ def merged_token_counts(model: nn.Module) -> List[int]:
     return counts
 
 
-# Named merging variants, so timm and open_clip (a config can only name a model) build them:
-# `tome_vit_{size}_r{r}` / `lgtm_vit_{size}_r{r}`, open_clip `ToMe-ViT-{tag}-r{r}` / `LGTM-ViT-{tag}-r{r}`.
-# They hold the plain ViT's weights (a plain CLIP checkpoint loads), patched at build time; the
-# `tome_r` kwarg overrides r. The r values: ToMe's headline settings (B/16 r=13, L/14 r=8) and
-# about half the FLOPs for each size (the profiler's `--tome-r` sweeps any other r).
-MERGE_R = {
-    "tiny_patch16_64": (1, 2), "tiny_patch8_64": (4, 8), "small_patch16_224": (13,), "base_patch32_224": (2, 3),
-    "base_patch16_224": (8, 13, 16), "large_patch14_224": (8,),
-}
-MERGE_METHODS = {"tome": ("ToMe", apply_tome), "lgtm": ("LGTM", apply_lgtm)}
+MERGE_METHODS = {"tome": apply_tome, "lgtm": apply_lgtm}
 
 
-def _build_merging_vit(method: str, variant: str, size: str, r: int, pretrained: bool = False, **kwargs):
-    tome_r = kwargs.pop("tome_r", r)
-    model = build_vit_family(PlainViT, variant, size, pretrained, **kwargs)
-    MERGE_METHODS[method][1](model, tome_r)
-    return model
+def merging_vit(method: str) -> Callable[..., PlainViT]:
+    """A constructor of a plain ViT patched with `method` at `tome_r` (LGTM: and its layer split)."""
+    def build(tome_r: RSchedule = 0, dense_layers: int = 2, local_layers: int = 2, **kwargs) -> PlainViT:
+        model = PlainViT(**kwargs)
+        extra = dict(dense_layers=dense_layers, local_layers=local_layers) if method == "lgtm" else {}
+        MERGE_METHODS[method](model, tome_r, **extra)
+        return model
+
+    build.__module__ = __name__
+    return build
 
 
-def _register_merging(method: str, size: str, r: int) -> None:
-    name = f"{method}_vit_{size}_r{r}"
-    register_encoder(
-        lambda pretrained=False, **kwargs: _build_merging_vit(method, name, size, r, pretrained, **kwargs),
-        EncoderInfo(name=name, family=method, size=size,
-                    clip_name=f"{MERGE_METHODS[method][0]}-ViT-{CLIP_TAGS[size]}-r{r}"),
-    )
+def _apply_tome_transform(model: nn.Module, calibration=None, r: int = 8, prop_attn: bool = True) -> None:
+    apply_tome(model, r, prop_attn)
 
 
-default_cfgs = generate_default_cfgs({
-    f"{method}_vit_{size}_r{r}": default_cfg(size) for method in MERGE_METHODS for size in VIT_SIZES
-    for r in MERGE_R[size]
-})
-for _method in MERGE_METHODS:
-    for _size in VIT_SIZES:
-        for _r in MERGE_R[_size]:
-            _register_merging(_method, _size, _r)
+def _apply_lgtm_transform(model: nn.Module, calibration=None, r: int = 8, dense: int = 2, local: int = 2,
+                          prop_attn: bool = True) -> None:
+    apply_lgtm(model, r, dense, local, prop_attn)
+
+
+# Named variants hold the plain ViT's weights (a plain CLIP checkpoint loads), patched at build time,
+# so timm and open_clip (whose configs can only name a model) build them: `tome_vit_{size}_r{r}`,
+# `ToMe-ViT-{tag}-r{r}` at each size's `merge_r`; the `tome_r` kwarg overrides r.
+for _method, _clip in (("tome", "ToMe"), ("lgtm", "LGTM")):
+    register_vit_family(_method, merging_vit(_method), f"{_method}_vit_{{size}}", f"{_clip}-ViT-{{tag}}",
+                        variants=lambda size: {f"r{r}": {"tome_r": r} for r in size.merge_r})
+def _mergeable(encoder: nn.Module) -> bool:
+    return getattr(encoder, "mergeable", False)
+
+
+register_transform("tome", _apply_tome_transform, {"r": 8, "prop_attn": True}, _mergeable, example="tome:r=2",
+                   summary="ToMe (Bolya et al. 2023): r merges per block")
+register_transform("lgtm", _apply_lgtm_transform, {"r": 8, "dense": 2, "local": 2, "prop_attn": True}, _mergeable,
+                   example="lgtm:r=4,dense=1,local=1",
+                   summary="DFE + LGTM (Heo et al. 2023): dense blocks, 2x2-window merges, then global")

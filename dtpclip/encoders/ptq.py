@@ -28,7 +28,8 @@ from typing import Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from dtpclip.encoders.quant import block_linears, find_encoder, patch_blocks
+from dtpclip.encoders.quant import QUANT_RESTORERS, block_linears, find_encoder, patch_blocks
+from dtpclip.registry import REQUIRED, register_transform
 
 PERCENTILES = (1.0, 0.99999, 0.9999, 0.999, 0.99, 0.98, 0.95, 0.9)
 MAX_SAMPLES = 1 << 22  # values per tensor kept for the range search (torch.quantile's limit is 2^24)
@@ -171,7 +172,7 @@ _QWT_CLASSES: dict = {}
 
 def add_qwt(block: nn.Module, dim: int) -> nn.Module:
     """Give `block` a zero QwT compensation (class swap); errors for blocks that change the token count."""
-    if getattr(block, "_tome_info", None) is not None and any(block._tome_info["r"]):
+    if getattr(block, "merges_tokens", False):
         raise ValueError("QwT adds x W + b to a block's output, so the block must keep its tokens; "
                          "this block merges tokens (ToMe r > 0): use PTQ without --qwt")
     cls = type(block)
@@ -339,3 +340,15 @@ def restore_ptq(model: nn.Module, config: dict) -> nn.Module:
     vit._quant_config = dict(method="repq", w_bits=config["w_bits"], a_bits=config["a_bits"],
                              qwt=bool(config.get("qwt")))
     return model
+
+
+def _apply_ptq_transform(model: nn.Module, calibration: List[torch.Tensor], w: int = REQUIRED, a: int = REQUIRED,
+                         qwt: bool = False) -> None:
+    apply_ptq(model, w, a, calibration, qwt=qwt)
+
+
+QUANT_RESTORERS["repq"] = restore_ptq
+register_transform("ptq", _apply_ptq_transform, {"w": REQUIRED, "a": REQUIRED, "qwt": False},
+                   lambda encoder: getattr(encoder, "quantizable", False), calibration=True,
+                   example="ptq:w=8,a=8",
+                   summary="RepQ-style post-training quantization at w/a bits, optionally with QwT compensation")

@@ -12,8 +12,8 @@ Fig. 2), github.com/zhutmost/lsq-net.
 
 The patch layer (ToMe style: swap module classes in place, keep the encoder's weights and names):
 every `nn.Linear` inside the transformer blocks becomes a `QuantLinear` (weights + input
-activations quantized), and with scope 'linear+attn' every attention module also quantizes q, k,
-v and the post-softmax probabilities (unsigned: the summary seed found (0, 1, 2) better than
+activations quantized), and with scope 'linear+attn' every attention module (the shared
+`HookedAttention`) also quantizes q, k, v and the post-softmax probabilities (unsigned: the summary seed found (0, 1, 2) better than
 (-1, 0, 1) for attention). The patch embedding (first layer), DTP's boundary predictor, the final
 norm and the head / CLIP projection (last layer) stay in float, as is conventional (LSQ keeps
 first and last layers at 8 bits; float is the stricter-accuracy choice and the one the PTQ
@@ -22,14 +22,14 @@ padded and packed paths run the same blocks) and ToMe-patched ViTs (apply ToMe f
 `dtpclip.encoders.ptq` reuses this layer with RepQ-style post-training quantizers.
 """
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from dtpclip.encoders.merge import _with_log_size
+from dtpclip.encoders.attention import hook_attention
 from dtpclip.encoders.vit import find_vit
 
 SCOPES = ("linear", "linear+attn")
@@ -114,62 +114,21 @@ def quantize_linear(linear: nn.Linear, weight_quant: nn.Module, input_quant: nn.
     return linear
 
 
-class QuantAttentionMixin:
-    """Mixed in before a timm Attention class (or ToMe's): explicit attention with quantized q, k, v and
-    post-softmax probabilities (`q_quant`, `k_quant`, `v_quant`, `attn_quant`), the rest as timm's.
-
-    ToMe's `size` (proportional attention) and `return_metric` are honoured when the base class is
-    ToMe's attention, so merging and quantization stack.
-    """
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                **tome_kwargs):
-        if is_causal:
-            raise NotImplementedError("quantized attention is bidirectional (ViT); is_causal=True is not supported")
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        size = tome_kwargs.get("size")
-        if size is not None:
-            attn_mask = _with_log_size(attn_mask, size, q.dtype)
-        attn = (self.q_quant(q) * self.scale) @ self.k_quant(k).transpose(-2, -1)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                attn_mask = torch.zeros_like(attn_mask, dtype=attn.dtype).masked_fill_(~attn_mask, float("-inf"))
-            attn = attn + attn_mask
-        attn = self.attn_drop(self.attn_quant(attn.softmax(dim=-1)))
-        out = (attn @ self.v_quant(v)).transpose(1, 2).reshape(B, N, self.attn_dim)
-        out = self.norm(out)
-        if gate is not None:
-            out = out * gate
-        out = self.proj_drop(self.proj(out))
-        return (out, k.mean(1)) if tome_kwargs.get("return_metric") else out
-
-
-_QUANT_CLASSES: dict = {}
-
-
-def _quant_attention_class(cls: type) -> type:
-    if issubclass(cls, QuantAttentionMixin):
-        return cls
-    if cls not in _QUANT_CLASSES:
-        _QUANT_CLASSES[cls] = type(f"Quant{cls.__name__}", (QuantAttentionMixin, cls), {"_quant_base": cls})
-    return _QUANT_CLASSES[cls]
-
-
 def quantize_attention(attn: nn.Module, q_quant: nn.Module, k_quant: nn.Module, v_quant: nn.Module,
                        attn_quant: nn.Module) -> nn.Module:
-    """Swap a timm / ToMe attention module's class for its quantized one and attach the quantizers."""
-    attn.__class__ = _quant_attention_class(type(attn))
+    """Give a timm attention module (ToMe-patched or not) quantizers on q, k, v and the probabilities."""
+    attn = hook_attention(attn)
     attn.q_quant, attn.k_quant, attn.v_quant, attn.attn_quant = q_quant, k_quant, v_quant, attn_quant
     return attn
 
 
 def find_encoder(model: nn.Module) -> VisionTransformer:
-    """The timm ViT to quantize (see `vit.find_vit`)."""
-    return find_vit(model, "quantization")
+    """The timm ViT to quantize (see `vit.find_vit`); encoders whose contract says `quantizable = False` are refused."""
+    vit = find_vit(model, "quantization")
+    if not getattr(vit, "quantizable", False):
+        raise TypeError(f"quantization does not apply to {type(vit).__name__} (its `quantizable` is False: its "
+                        "blocks do not run timm's Linear / attention path)")
+    return vit
 
 
 def block_linears(block: nn.Module):
@@ -223,16 +182,22 @@ def quantize_model(model: nn.Module, w_bits: Optional[int], a_bits: Optional[int
 
 def quant_config(model: nn.Module) -> Optional[dict]:
     """What `apply_quant_config` needs to rebuild the quantized structure of `model` (None: float)."""
-    return getattr(find_encoder(model), "_quant_config", None)
+    return getattr(find_vit(model, "quantization"), "_quant_config", None)
+
+
+def _restore_lsq(model: nn.Module, config: dict) -> nn.Module:
+    keys = ("w_bits", "a_bits", "scope", "symmetric", "learned_offset")
+    return quantize_model(model, **{k: config[k] for k in keys if k in config})
+
+
+# quantization method (a checkpoint config's "quantization.method") -> rebuild its structure on a fresh model
+QUANT_RESTORERS: Dict[str, Callable[[nn.Module, dict], nn.Module]] = {"lsq": _restore_lsq}
 
 
 def apply_quant_config(model: nn.Module, config: dict) -> nn.Module:
-    """Rebuild a saved quantized structure (LSQ or RepQ/QwT) on a fresh model, so its state loads."""
+    """Rebuild a saved quantized structure (LSQ, RepQ/QwT, ...) on a fresh model, so its state loads."""
     method = config.get("method")
-    if method == "lsq":
-        keys = ("w_bits", "a_bits", "scope", "symmetric", "learned_offset")
-        return quantize_model(model, **{k: config[k] for k in keys if k in config})
-    if method == "repq":
-        from dtpclip.encoders.ptq import restore_ptq
-        return restore_ptq(model, config)
-    raise ValueError(f"unknown quantization method {method!r} in a checkpoint config; expected 'lsq' or 'repq'")
+    if method not in QUANT_RESTORERS:
+        raise ValueError(f"unknown quantization method {method!r} in a checkpoint config; expected one of "
+                         f"{sorted(QUANT_RESTORERS)}")
+    return QUANT_RESTORERS[method](model, config)

@@ -5,38 +5,44 @@ CLIP-style (pre-norm, LayerNorm eps 1e-5, no patch-embed bias, exact GELU) like 
 and reproduce open_clip's visual output.
 """
 from functools import partial
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer
 
 from dtpclip.checkpoint import encoder_state_from_clip
 from dtpclip.encoders.output import EncoderOutput
-from dtpclip.registry import CLIP_TAGS, VIT_SIZES, EncoderInfo, register_encoder
+from dtpclip.registry import register_family
 
 # fc_norm=False: the final norm stays on the tokens (open_clip's ln_post) whatever the pooling.
 CLIP_VIT_DEFAULTS = dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5), fc_norm=False, num_classes=0)
 
 
 class PlainViT(VisionTransformer):
-    """The plain ViT every other family is checked against (identity tests)."""
+    """The plain ViT every other family is checked against (identity tests), and the contract's defaults.
 
-    fresh_parameter_prefixes = ()  # parameters a CLIP checkpoint cannot hold
+    The contract beyond `encode` (each optional for a family; these are the defaults):
+      fresh_parameter_prefixes  parameters a CLIP checkpoint cannot hold (they keep their init)
+      mergeable                 token merging (ToMe, LGTM) may patch its blocks
+      quantizable               low-bit quantization (LSQ, PTQ) may patch its blocks' Linears and attention
+      hidden_layers_readable    `hidden_tokens(images, layer)` gives block `layer`'s tokens (LLaVA's
+                                select_layer); False where the token set changes inside the trunk
+      token_groups(images)      which output token each patch ends in, for the visualiser
+      settings()                its efficiency knobs, for the registry and comparison tables
+    """
+
+    fresh_parameter_prefixes: Tuple[str, ...] = ()
+    mergeable = True
+    quantizable = True
+    hidden_layers_readable = True
 
     def __init__(self, **kwargs):
         super().__init__(**{**CLIP_VIT_DEFAULTS, "global_pool": "token", **kwargs})
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
-        """timm's init, except that the class token and its position embedding start at zero.
-
-        Pre-norm (`norm_pre`, CLIP's ln_pre) scales any small vector to unit size, so timm's 1e-6
-        class token becomes one large vector shared by every image: a fresh CLIP's image features
-        had cosine 0.99 between images. A zero vector stays zero under LayerNorm, so the class token
-        holds only what it gathers from the patches (cosine 0.08-0.16 on demo images), and the demo
-        CLIP left its chance plateau sooner: 48-74% zero-shot after ~900 steps against 40-71% (3 seeds).
-        """
+        """timm's init, except that the class token and its position embedding start at zero
+        (pre-norm would blow timm's 1e-6 class token up into one vector every image shares)."""
         super().init_weights(mode, needs_reset)
         if self.cls_token is not None:
             with torch.no_grad():
@@ -47,6 +53,22 @@ class PlainViT(VisionTransformer):
     def encode(self, images) -> EncoderOutput:
         tokens = self.forward_features(images)
         return EncoderOutput.dense(tokens, self.forward_head(tokens, pre_logits=True))
+
+    def hidden_tokens(self, images: torch.Tensor, layer: int) -> torch.Tensor:
+        """Tokens after the first `layer` blocks, before the final norm (CLIP's hidden_states[layer])."""
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
+        for block in self.blocks[:layer]:
+            x = block(x)
+        return x
+
+    @torch.no_grad()
+    def token_groups(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(output token of each patch [B, H, W], boundaries [B, H, W] or None): here every patch its own."""
+        height, width = self.patch_embed.grid_size
+        return torch.arange(height * width).expand(len(images), -1).reshape(-1, height, width), None
+
+    def settings(self) -> dict:
+        return {}
 
 
 def find_vit(model: nn.Module, transform: str) -> VisionTransformer:
@@ -60,32 +82,10 @@ def find_vit(model: nn.Module, transform: str) -> VisionTransformer:
     return vit
 
 
-def default_cfg(size: str) -> dict:
-    """timm pretrained config (data) of a size: input size and CLIP normalisation, no hub weights."""
-    img = VIT_SIZES[size]["img_size"]
-    return dict(
-        url="", num_classes=0, input_size=(3, img, img), pool_size=None, crop_pct=1.0,
-        interpolation="bicubic", fixed_input_size=True, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-        first_conv="patch_embed.proj", classifier="head",
-    )
+def register_vit_family(family: str, model_cls, name: str, clip_name: Optional[str], **kwargs):
+    """`register_family` for a ViT-based family: CLIP checkpoints load through `encoder_state_from_clip`."""
+    return register_family(family, model_cls, name, clip_name, pretrained_filter_fn=encoder_state_from_clip,
+                           **kwargs)
 
 
-def build_vit_family(model_cls, variant: str, size: str, pretrained: bool = False, **kwargs):
-    """`build_model_with_cfg` for any of our ViT classes at a registry size; kwargs override the size."""
-    return build_model_with_cfg(
-        model_cls, variant, pretrained, pretrained_filter_fn=encoder_state_from_clip,
-        **{**VIT_SIZES[size], **kwargs},
-    )
-
-
-def _register(size: str) -> None:
-    name = f"plain_vit_{size}"
-    register_encoder(
-        lambda pretrained=False, **kwargs: build_vit_family(PlainViT, name, size, pretrained, **kwargs),
-        EncoderInfo(name=name, family="vit", size=size, clip_name=f"PlainViT-{CLIP_TAGS[size]}"),
-    )
-
-
-default_cfgs = generate_default_cfgs({f"plain_vit_{size}": default_cfg(size) for size in VIT_SIZES})
-for _size in VIT_SIZES:
-    _register(_size)
+register_vit_family("vit", PlainViT, "plain_vit_{size}", "PlainViT-{tag}")

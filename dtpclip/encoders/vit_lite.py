@@ -17,15 +17,12 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import Block
 
 from dtpclip.encoders.vit import PlainViT
-from dtpclip.registry import EncoderInfo, register_encoder
+from dtpclip.registry import Size, register_family
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-# name -> (depth, heads, dim, mlp ratio, patch); the seed's recipes use vit_6_4_32.
-LITE_SIZES = {"vit_6_4_32": dict(depth=6, num_heads=4, embed_dim=256, mlp_ratio=2.0, patch_size=4, img_size=32)}
 
 
 class LiteBlock(Block):
@@ -42,23 +39,16 @@ class LiteBlock(Block):
 class ViTLite(PlainViT):
     """ViT-Lite as a timm VisionTransformer with the encoder contract (class token pooling)."""
 
+    mergeable = False  # its blocks are LiteBlocks, not timm's
+
     def __init__(self, **kwargs):
         defaults = dict(pre_norm=False, qkv_bias=False, class_token=True, global_pool="token", num_classes=10,
                         norm_layer=partial(nn.LayerNorm, eps=1e-5), block_fn=LiteBlock)
         super().__init__(**{**defaults, **kwargs})
 
 
-def _register(name: str) -> None:
-    register_encoder(
-        lambda pretrained=False, **kwargs: build_model_with_cfg(ViTLite, name, pretrained,
-                                                                **{**LITE_SIZES[name], **kwargs}),
-        EncoderInfo(name=name, family="vit", size=name),
-    )
-
-
-default_cfgs = generate_default_cfgs({name: dict(
-    url="", num_classes=10, input_size=(3, 32, 32), pool_size=None, crop_pct=1.0, interpolation="bicubic",
-    fixed_input_size=True, mean=CIFAR_MEAN, std=CIFAR_STD, first_conv="patch_embed.proj", classifier="head",
-) for name in LITE_SIZES})
-for _name in LITE_SIZES:
-    _register(_name)
+# ViT-Lite's own architecture, so its size row lives here rather than in the shared size table.
+LITE_6_4_32 = Size("vit_6_4_32", "Lite-6-4-32", dict(depth=6, num_heads=4, embed_dim=256, mlp_ratio=2.0, patch_size=4,
+                                                     img_size=32),
+                   pretrained_cfg=dict(num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD))
+register_family("vit", ViTLite, "{size}", sizes=[LITE_6_4_32])

@@ -17,13 +17,10 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import Block
 
-from dtpclip.checkpoint import encoder_state_from_clip
 from dtpclip.encoders.output import EncoderOutput
-from dtpclip.encoders.vit import PlainViT, default_cfg
-from dtpclip.registry import CLIP_TAGS, VIT_SIZES, EncoderInfo, register_encoder
+from dtpclip.encoders.vit import PlainViT, register_vit_family
 
 DEFAULT_LEVELS = (3, 3, 3, 3)
 
@@ -219,6 +216,9 @@ class VQViT(PlainViT):
     the quantizers start fresh.
     """
 
+    mergeable = False  # its blocks are VQ blocks, not timm's
+    quantizable = False  # its blocks compute attention themselves, past the quantization hooks
+
     def __init__(self, levels: Sequence[int] = DEFAULT_LEVELS, fsq_Tinit: float = -1.0, **kwargs):
         super().__init__(block_fn=partial(vq_block, levels=tuple(levels), T_init=fsq_Tinit), **kwargs)
         self.fresh_parameter_prefixes = tuple(f"blocks.{i}.vq" for i in range(len(self.blocks)))
@@ -239,6 +239,9 @@ class VQViT(PlainViT):
             block.reparameterize()
         return self
 
+    def settings(self) -> dict:
+        return {"levels": list(self.blocks[0].vq.levels_list)}
+
     def encode(self, images) -> EncoderOutput:
         tokens = self.forward_features(images)
         out = EncoderOutput.dense(tokens, self.forward_head(tokens, pre_logits=True))
@@ -248,35 +251,4 @@ class VQViT(PlainViT):
         return out
 
 
-# The seed's sizes: the registry's where it has them, timm's ViT-Ti (192 wide, 12 deep, 3 heads) and the
-# patch-32 small otherwise (no CLIP tower of those sizes here, so they have no open_clip name).
-_VIT_TI_224 = dict(img_size=224, embed_dim=192, depth=12, num_heads=3)
-VQ_SIZES = {
-    "tiny_patch8_64": VIT_SIZES["tiny_patch8_64"],
-    "tiny_patch16_224": {**_VIT_TI_224, "patch_size": 16},
-    "tiny_patch32_224": {**_VIT_TI_224, "patch_size": 32},
-    "small_patch16_224": VIT_SIZES["small_patch16_224"],
-    "small_patch32_224": {**VIT_SIZES["small_patch16_224"], "patch_size": 32},
-    "base_patch16_224": VIT_SIZES["base_patch16_224"],
-    "base_patch32_224": VIT_SIZES["base_patch32_224"],
-}
-
-
-def _register(size: str) -> None:
-    name = f"vqvit_{size}"
-    register_encoder(
-        lambda pretrained=False, **kwargs: build_model_with_cfg(
-            VQViT, name, pretrained, pretrained_filter_fn=encoder_state_from_clip, **{**VQ_SIZES[size], **kwargs}),
-        EncoderInfo(name=name, family="vq", size=size,
-                    clip_name=f"VQ-ViT-{CLIP_TAGS[size]}" if size in CLIP_TAGS else None),
-    )
-
-
-def _default_cfg(size: str) -> dict:
-    img = VQ_SIZES[size]["img_size"]
-    return {**default_cfg("tiny_patch8_64"), "input_size": (3, img, img)}
-
-
-default_cfgs = generate_default_cfgs({f"vqvit_{size}": _default_cfg(size) for size in VQ_SIZES})
-for _size in VQ_SIZES:
-    _register(_size)
+register_vit_family("vq", VQViT, "vqvit_{size}", "VQ-ViT-{tag}")
