@@ -7,6 +7,7 @@ directory's `latest` names its newest checkpoint directory.
 """
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -39,6 +40,9 @@ def load_checked(model: torch.nn.Module, state: Dict[str, torch.Tensor], path, f
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {str(path)!r} does not match {type(model).__name__}: {e}") from e
+    fresh_missing = [k for k in missing if k.startswith(tuple(fresh))]
+    if fresh_missing:
+        warn_fresh(fresh_missing, fresh, f"checkpoint {str(path)!r}")
     missing = [k for k in missing if not k.startswith(tuple(fresh))]
     if missing or unexpected:
         raise ValueError(
@@ -46,6 +50,16 @@ def load_checked(model: torch.nn.Module, state: Dict[str, torch.Tensor], path, f
             f"unexpected {_few(unexpected)}; expected an open_clip ViT CLIP checkpoint (or a dtpclip one) "
             "of the same size"
         )
+
+
+def warn_fresh(keys, prefixes: Iterable[str], source: str) -> None:
+    """Say that parameters a checkpoint lacks keep their fresh initialisation (right when a DTP-ViT starts
+    from a plain CLIP, wrong when evaluating a trained one)."""
+    prefixes = sorted(p + "*" for p in prefixes if any(k.startswith(p) for k in keys))
+    warnings.warn(f"{source} holds no {', '.join(prefixes[:3])}{' ...' if len(prefixes) > 3 else ''} "
+                  f"({len(keys)} tensors): they keep their fresh initialisation. Expected when starting from a "
+                  "plain CLIP; if this is a trained model of this kind, the checkpoint is of another model",
+                  stacklevel=3)
 
 
 def _few(keys, n: int = 6) -> str:
@@ -66,6 +80,9 @@ def encoder_state_from_clip(state: Dict[str, torch.Tensor], model: torch.nn.Modu
         k: v for k, v in checkpoint_filter_fn(state, model).items()
         if not (k.startswith("head.") and (k not in own or own[k].shape != v.shape))
     }
+    fresh = [k for k in own if k.startswith(tuple(model.fresh_parameter_prefixes)) and k not in state]
+    if fresh:
+        warn_fresh(fresh, model.fresh_parameter_prefixes, "the CLIP checkpoint")
     keep = (*model.fresh_parameter_prefixes, "head.")
     return {**{k: v for k, v in own.items() if k.startswith(keep)}, **state}
 

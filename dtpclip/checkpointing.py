@@ -7,15 +7,19 @@ A checkpoint is a directory `step_{N:08d}/` under `<run>/checkpoints/`:
   rng_{rank}.pt       each rank's torch / numpy / python RNG states
 It is built in a `.tmp` directory and renamed into place, then `<run>/latest` (a text file holding
 its path relative to the run) is replaced; a crash at any moment leaves the previous checkpoint
-intact.
+intact. Older checkpoints are pruned before a new one is staged, so a run needs room for `keep`
+of them; a failed write (a full disk) removes its staging directory and says which checkpoint is
+intact. Resuming falls back to the previous checkpoint when the newest cannot be read.
 Everything is read with `torch.load(weights_only=True)` or safetensors.
 """
+import contextlib
 import json
+import logging
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +28,9 @@ from safetensors.torch import save_file
 from dtpclip.checkpoint import read_state_dict
 
 LATEST = "latest"
+KEEP = 2  # published checkpoints a run keeps
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
@@ -56,19 +63,47 @@ def staging_dir(run_dir, step: int) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _staging_write(run_dir, step: int):
+    """Writes into checkpoint `step`'s staging directory; a failure removes it and names what is intact."""
+    try:
+        yield staging_dir(run_dir, step)
+    except OSError as e:
+        shutil.rmtree(checkpoint_dir(run_dir, step).with_suffix(".tmp"), ignore_errors=True)
+        intact = latest_checkpoint(run_dir)
+        raise OSError(f"could not write checkpoint step {step} under {str(run_dir)!r}: {e.strerror or e}. "
+                      f"{f'The previous checkpoint {str(intact)!r} is intact' if intact else 'No checkpoint was kept'}"
+                      "; free space (or fix the directory) and rerun with --resume auto") from e
+
+
 def write_rank_part(run_dir, step: int, rank: int) -> None:
-    torch.save(rng_state(), staging_dir(run_dir, step) / f"rng_{rank}.pt")
+    with _staging_write(run_dir, step) as staging:
+        torch.save(rng_state(), staging / f"rng_{rank}.pt")
 
 
 def write_main_part(run_dir, step: int, model_state: dict, trainer_state: dict, config: dict) -> None:
-    staging = staging_dir(run_dir, step)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(staging / "model.safetensors"))
-    torch.save(trainer_state, staging / "trainer.pt")
-    (staging / "config.json").write_text(json.dumps(config, indent=1))
+    with _staging_write(run_dir, step) as staging:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()},
+                  str(staging / "model.safetensors"))
+        torch.save(trainer_state, staging / "trainer.pt")
+        (staging / "config.json").write_text(json.dumps(config, indent=1))
 
 
-def publish(run_dir, step: int, keep: int = 2) -> Path:
-    """Rename the staged checkpoint into place, point `latest` at it, drop all but the last `keep`."""
+def published(run_dir) -> List[Path]:
+    """The run's published checkpoint directories, oldest first."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir() and p.suffix != ".tmp")
+
+
+def make_room(run_dir, keep: int = KEEP) -> None:
+    """Before staging a new checkpoint: drop all but the newest `keep - 1`, and stale staging directories."""
+    for old in published(run_dir)[: max(len(published(run_dir)) - (keep - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in (Path(run_dir) / "checkpoints").glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def publish(run_dir, step: int) -> Path:
+    """Rename the staged checkpoint into place and point `latest` at it."""
     final = checkpoint_dir(run_dir, step)
     if final.exists():
         shutil.rmtree(final)
@@ -76,9 +111,6 @@ def publish(run_dir, step: int, keep: int = 2) -> Path:
     pointer = Path(run_dir) / (LATEST + ".tmp")
     pointer.write_text(str(final.relative_to(run_dir)))
     os.replace(pointer, Path(run_dir) / LATEST)
-    for old in sorted(final.parent.glob("step_*"))[:-keep]:
-        if old.is_dir() and old != final:
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -105,14 +137,51 @@ def resolve_resume(resume: Optional[str], run_dir) -> Optional[Path]:
     return path
 
 
+def holds_run(run_dir) -> bool:
+    """Whether `run_dir` already holds a run's checkpoints or metrics."""
+    return (Path(run_dir) / LATEST).exists() or bool(published(run_dir)) or (Path(run_dir) / "metrics.jsonl").exists()
+
+
+def _load(file: Path):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch raises several kinds; re-raised with the file named
+        raise ValueError(f"could not read {str(file)!r} ({type(e).__name__}: {e})") from e
+
+
 def read_checkpoint(path: Path, rank: int) -> dict:
     """Model weights, trainer state and this rank's RNG states of a published checkpoint."""
     rng_file = path / f"rng_{rank}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no RNG state for rank {rank}: it was written by fewer "
                                 "processes; resume with the same number of processes")
-    return {
-        "model": read_state_dict(path / "model.safetensors"),
-        "trainer": torch.load(path / "trainer.pt", weights_only=True),
-        "rng": torch.load(rng_file, weights_only=True),
-    }
+    return {"model": read_state_dict(path / "model.safetensors"), "trainer": _load(path / "trainer.pt"),
+            "rng": _load(rng_file)}
+
+
+def load_resume(resume: Optional[str], run_dir, rank: int) -> Optional[Tuple[Path, dict]]:
+    """(checkpoint, its contents) to resume from, or None to start fresh (see `resolve_resume`).
+
+    With 'auto', a checkpoint that cannot be read is skipped for the previous one, with a warning.
+    """
+    path = resolve_resume(resume, run_dir)
+    if path is None:
+        return None
+    candidates = [path] + ([p for p in reversed(published(run_dir)) if p != path] if resume == "auto" else [])
+    for i, candidate in enumerate(candidates):
+        try:
+            return candidate, read_checkpoint(candidate, rank)
+        except (OSError, ValueError) as e:
+            if i + 1 == len(candidates):
+                raise ValueError(f"cannot resume from {str(candidate)!r}: {e}") from e
+            log.warning("checkpoint %s cannot be read (%s); resuming from the previous one, %s",
+                        candidate, e, candidates[i + 1])
+    return None
+
+
+def trim_metrics(path, step: int) -> None:
+    """Drop the records of metrics.jsonl past `step`: a resume from there writes them again."""
+    path = Path(path)
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))

@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -20,27 +21,74 @@ def make_parser(description: str) -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse `argv`, taking defaults from `--config FILE` first; unknown keys are an error naming the file."""
+    """Parse `argv`, taking defaults from `--config FILE` first: its values go through each flag's own
+    type and choices, and any problem is an error naming the file and the key. The command line wins."""
     known, _ = parser.parse_known_args(argv)
     if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            parser.error(f"config file {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}  # JSON is YAML
-        if not isinstance(values, dict):
-            parser.error(f"config file {str(path)!r} must hold a mapping of flag names to values")
-        keys = {}  # a flag's name (--model-kwargs -> model_kwargs) or its dest, -> its dest
-        for action in parser._actions:
-            if action.dest in ("help", "config"):
-                continue
-            keys[action.dest] = action.dest
-            keys.update({o.lstrip("-").replace("-", "_"): action.dest for o in action.option_strings})
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(values) - set(keys))
-        if unknown:
-            parser.error(f"config file {str(path)!r} has unknown key(s) {unknown}; expected some of {sorted(keys)}")
-        parser.set_defaults(**{keys[k]: v for k, v in values.items()})
+        parser.set_defaults(**_config_values(parser, Path(known.config)))
     return parser.parse_args(argv)
+
+
+def _config_values(parser: argparse.ArgumentParser, path: Path) -> dict:
+    """{dest: converted value} of a YAML / JSON config file; parser.error names the file on any problem."""
+    if not path.is_file():
+        parser.error(f"config file {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}  # JSON is YAML
+    except yaml.YAMLError as e:
+        parser.error(f"config file {str(path)!r} is not valid YAML / JSON: {e}")
+    if not isinstance(values, dict):
+        parser.error(f"config file {str(path)!r} must hold a mapping of flag names to values")
+    actions = {}  # a flag's name (--model-kwargs -> model_kwargs) or its dest -> its action
+    for action in parser._actions:
+        if action.dest not in ("help", "config"):
+            actions[action.dest] = action
+            actions.update({o.lstrip("-").replace("-", "_"): action for o in action.option_strings})
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        parser.error(f"config file {str(path)!r} has unknown key(s) {unknown}; expected some of {sorted(actions)}")
+    converted = {}
+    for key, value in values.items():
+        try:
+            converted[actions[key].dest] = _convert(actions[key], value)
+        except (TypeError, ValueError) as e:
+            parser.error(f"config file {str(path)!r}, key {key!r}: {e}")
+    return converted
+
+
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _convert(action: argparse.Action, value):
+    """A config value as the command line would give it to `action`."""
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # flags
+        if isinstance(value, str) and value.lower() in _BOOLS:
+            return _BOOLS[value.lower()]
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(action, ParseKwargs):
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        return parse_kwargs(value if isinstance(value, list) else [value], action.option_strings[0])
+    if value is None:
+        return None
+    if isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+"):
+        return [_convert_one(action, v) for v in (value if isinstance(value, list) else [value])]
+    return _convert_one(action, value)
+
+
+def _convert_one(action: argparse.Action, value):
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"expected a single value, got {value!r}")
+    if action.type is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"expected an integer, got {value!r}")
+    text = str(int(value)) if action.type is int and isinstance(value, float) else str(value)
+    converted = action.type(text) if action.type is not None else text
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"expected one of {list(action.choices)}, got {value!r}")
+    return converted
 
 
 def _converter(annotation):
@@ -95,6 +143,20 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls) -> None
             parser.add_argument(flag, type=_converter(f.type), default=f.default, choices=choices, help=help_text)
 
 
+def check_config(config) -> None:
+    """A run config's values against its fields: numbers of the field's type, at least the metadata's
+    `min`; errors name the flag. Called from the configs' __post_init__, so the Python API checks too."""
+    for f in dataclasses.fields(config):
+        value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
+        kinds = [a for a in typing.get_args(f.type) if a is not type(None)] or [f.type]
+        if value is None or kinds[0] not in (int, float):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kinds[0] is int and isinstance(value, float)):
+            raise ValueError(f"{flag} must be {'an integer' if kinds[0] is int else 'a number'}, got {value!r}")
+        if "min" in f.metadata and value < f.metadata["min"]:
+            raise ValueError(f"{flag} must be at least {f.metadata['min']}, got {value}")
+
+
 def dataclass_from_args(config_cls, args: argparse.Namespace):
     return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
 
@@ -112,9 +174,18 @@ def measure_and_report(args: argparse.Namespace, measure: Callable, report: Call
     return results
 
 
-def run_main(main: Callable) -> None:
-    """A `python -m` entry: bad input (a missing file, a wrong value) exits with its message, no traceback."""
+# What bad input raises (a missing or existing file, a full disk, a wrong value, an unknown name, a transform
+# that does not apply to the encoder): the message names the input, so the entry point prints only that.
+BAD_INPUT = (OSError, ValueError, KeyError, TypeError)
+
+
+def run_main(main: Callable, argv: Optional[Sequence[str]] = None) -> None:
+    """Every entry point's `__main__`: bad input exits non-zero with its message, no traceback
+    (DTPCLIP_DEBUG=1 keeps the traceback)."""
     try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        sys.exit(f"error: {e}")
+        main(sys.argv[1:] if argv is None else argv)
+    except BAD_INPUT as e:
+        if os.environ.get("DTPCLIP_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        sys.exit(f"error: {message}")

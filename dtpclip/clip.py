@@ -4,6 +4,8 @@ Each registry encoder with a `clip_name` becomes an open_clip architecture (a ti
 so `open_clip.create_model('DTP-ViT-B-32-10x')`, open_clip_train and CLIP_benchmark build it.
 The CLIP projection lives in open_clip's timm-tower head; the encoder stays a plain timm model.
 """
+import contextlib
+import logging
 from typing import Optional, Tuple
 
 import open_clip
@@ -86,6 +88,21 @@ def _swap_trunk(model: torch.nn.Module, model_kwargs: dict) -> None:
     visual.preprocess_cfg = {**visual.preprocess_cfg, "size": tuple(image_size)}
 
 
+@contextlib.contextmanager
+def _quiet_random_init_warning(quiet: bool):
+    """open_clip logs 'No pretrained weights loaded ... initialized randomly' when we load the weights ourselves."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    if quiet:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def _known_clip_name(name: str) -> str:
     try:
         return encoder_info(name).clip_name or name
@@ -101,7 +118,8 @@ def create_clip_and_transforms(name: str, pretrained: Optional[str] = None, mode
     {'compression': 0.2}; `pretrained`: a local checkpoint path.
     """
     name = _known_clip_name(name)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(name, **kwargs)
+    with _quiet_random_init_warning(pretrained is not None):
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(name, **kwargs)
     if model_kwargs:
         _swap_trunk(model, model_kwargs)
         cfg = PreprocessCfg(**model.visual.preprocess_cfg)

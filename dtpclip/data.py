@@ -9,10 +9,11 @@ markers newer versions emit). The epoch logic follows open_clip_train/data.py
 (`get_wds_dataset`): a fixed number of batches per worker, so every rank runs the same number
 of steps, and resampling with replacement for `--dataset-resampled --train-num-samples`.
 
-Broken data never stops a run: undecodable images, samples without image or caption, shards
+Broken data is skipped, not fatal: undecodable images, samples without image or caption, shards
 that cannot be opened or that break off (truncated tars) are skipped and counted by reason in
 a `SampleCounts` shared by all DataLoader workers; the loader logs skipped / seen each epoch.
-A spec that names no shard is an error before training starts.
+Two cases stop the run with an error naming the shards, since no batch can be made: a spec that
+names no shard (before training starts), and a reader none of whose shards holds a usable sample.
 """
 
 from __future__ import annotations
@@ -385,7 +386,7 @@ class _TrainStream(IterableDataset):
                 produced = True
                 yield record
             if not produced:
-                raise RuntimeError(f"rank {self.rank} reader {role}: no usable sample in its {len(urls)} "
+                raise ValueError(f"rank {self.rank} reader {role}: no usable sample in its {len(urls)} "
                                    f"shard(s) ({urls[0]}, ...); see the skip warnings above")
 
     def _transformed(self, records: Iterable[_Record], skip: int, base_seed: int):

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from dtpclip.checkpoint import CONFIG_FILE, LATEST, checkpoint_config, resolve_checkpoint
-from dtpclip.registry import encoder_info, list_encoders
+from dtpclip.registry import did_you_mean, encoder_info, known_names, list_encoders
 
 MAKE_DEMO_CHECKPOINT = "accelerate launch launch/clip_pretrain.py"
 
@@ -126,7 +126,7 @@ def model_name(given: Optional[str], from_checkpoint: Optional[str], checkpoint)
     name = given or from_checkpoint
     if name is None:
         raise ValueError(f"checkpoint {str(checkpoint)!r} does not name its model (no {CONFIG_FILE} beside it); "
-                         f"pass --model, one of: {', '.join(clip_model_names())}")
+                         "pass --model: one of our open_clip names, e.g. 'DTP-ViT-B-32-10x' (dtpclip.list_encoders())")
     return name
 
 
@@ -140,8 +140,8 @@ def registry_name(name: str) -> str:
     try:
         return encoder_info(name).name
     except KeyError:
-        raise ValueError(f"unknown model {name!r}: expected one of our open_clip names "
-                         f"({', '.join(clip_model_names())}) or a registry encoder name (dtpclip.list_encoders())") from None
+        raise ValueError(f"unknown model {name!r}{did_you_mean(name, known_names())}: expected one of our "
+                         "open_clip or timm names (dtpclip.list_encoders())") from None
 
 
 def clip_name(name: str) -> str:
@@ -151,5 +151,7 @@ def clip_name(name: str) -> str:
     except KeyError:
         found = None
     if found is None:
-        raise ValueError(f"unknown CLIP model {name!r}: expected one of {', '.join(clip_model_names())}")
+        raise ValueError(f"unknown CLIP model {name!r}{did_you_mean(name, clip_model_names())}: expected one of "
+                         f"our open_clip names ({len(clip_model_names())}, e.g. {clip_model_names()[0]!r}; "
+                         "dtpclip.list_encoders() lists them with their clip_name)")
     return found

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from dtpclip import checkpointing
+from dtpclip.cli import check_config
 from dtpclip.clip import create_clip_and_transforms, encode_image
 from dtpclip.data import make_train_loader
 from dtpclip.evaluate import default_demo_run_dir, resolve_model
@@ -49,17 +50,17 @@ class TrainConfig:
     pretrained: Optional[str] = _f(None, "initialise from an open_clip CLIP checkpoint on disk")
     train_data: Optional[str] = _f(None, "webdataset shard spec; default: the built-in demo shards")
     eval_data: Optional[str] = _f(None, "zero-shot eval set at each epoch end; default with the demo: its eval set")
-    samples_per_epoch: Optional[int] = _f(None, "samples an epoch (default: counted from the shards)")
+    samples_per_epoch: Optional[int] = _f(None, "samples an epoch (default: counted from the shards)", min=1)
     resampled: bool = _f(False, "draw shards with replacement (open_clip's --dataset-resampled)")
-    epochs: int = _f(6, "epochs")
-    batch_size: int = _f(64, "per-process batch size")
+    epochs: int = _f(6, "epochs", min=1)
+    batch_size: int = _f(64, "per-process batch size", min=1)
     lr: float = _f(1e-3, "peak learning rate")
-    warmup_steps: int = _f(50, "linear warm-up optimizer steps, then cosine to 0")
+    warmup_steps: int = _f(50, "linear warm-up optimizer steps, then cosine to 0", min=0)
     weight_decay: float = _f(0.1, "AdamW weight decay (not on norms, biases, embeddings, logit_scale)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.98, "AdamW beta2")
     eps: float = _f(1e-6, "AdamW eps")
-    grad_accum_steps: int = _f(1, "micro-batches per optimizer step (each its own contrastive batch)")
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step (each its own contrastive batch)", min=1)
     grad_clip: Optional[float] = _f(1.0, "clip the gradient norm to this (none: no clipping)")
     precision: str = _f("auto", "fp32, bf16 or auto (bf16 where supported on GPU, fp32 on CPU)",
                         choices=("auto", "fp32", "bf16"))
@@ -72,14 +73,17 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     lock_image: bool = _f(False, "freeze the visual tower")
     lock_text: bool = _f(False, "freeze the text tower")
-    workers: int = _f(2, "data loader workers per process")
+    workers: int = _f(2, "data loader workers per process", min=0)
     seed: int = _f(0, "seed of model init, data order and boundary sampling")
     run_dir: Optional[str] = _f(None, "checkpoints, metrics.jsonl and tensorboard logs go here "
                                       "(default: ~/.cache/dtpclip/runs/demo, or $DTPCLIP_RUNS_DIR/demo)")
-    save_every: int = _f(100, "checkpoint every N optimizer steps (and at every epoch end)")
+    save_every: int = _f(100, "checkpoint every N optimizer steps (and at every epoch end)", min=1)
     resume: Optional[str] = _f("auto", "auto (latest in run_dir, if any), a checkpoint path, or none")
-    log_every: int = _f(10, "log metrics every N optimizer steps")
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (for smoke tests)")
+    log_every: int = _f(10, "log metrics every N optimizer steps", min=1)
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (for smoke tests)", min=1)
+
+    def __post_init__(self):
+        check_config(self)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
@@ -126,13 +130,15 @@ def _precision(cfg: TrainConfig) -> str:
 
 
 class MetricsWriter:
-    """metrics.jsonl (one json object per record) and tensorboard, on the main process."""
+    """metrics.jsonl (one json object per record) and tensorboard, on the main process. Records past
+    `resumed_at` (written after the checkpoint a resume starts from) are dropped, so none repeats."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, resumed_at: int = 0):
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             run_dir.mkdir(parents=True, exist_ok=True)
+            checkpointing.trim_metrics(run_dir / "metrics.jsonl", resumed_at)
             self.file = open(run_dir / "metrics.jsonl", "a")
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -162,6 +168,7 @@ def _demo_defaults(cfg: TrainConfig) -> TrainConfig:
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a CLIP training run; returns the last metrics."""
+    own_process_group = not torch.distributed.is_initialized()  # else a caller's (e.g. DeepSpeed's) stays up
     accelerator = Accelerator(mixed_precision=_precision(cfg), gradient_accumulation_steps=cfg.grad_accum_steps)
     cfg = _demo_defaults(cfg)  # generation holds a file lock: other ranks wait, then reuse it
     set_seed(cfg.seed)
@@ -190,9 +197,12 @@ def train(cfg: TrainConfig) -> dict:
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
 
     step, epoch, batch_in_epoch = 0, 0, 0
-    resume_from = checkpointing.resolve_resume(cfg.resume, run_dir)
-    if resume_from is not None:
-        state = checkpointing.read_checkpoint(resume_from, accelerator.process_index)
+    if cfg.resume in (None, "", "none") and checkpointing.holds_run(run_dir):
+        raise FileExistsError(f"--run-dir {str(run_dir)!r} already holds a run (checkpoints or metrics.jsonl): "
+                              "pass a new --run-dir, or --resume auto to continue it")
+    resumed = checkpointing.load_resume(cfg.resume, run_dir, accelerator.process_index)
+    if resumed is not None:
+        resume_from, state = resumed
         clip.load_state_dict(state["model"])
         optimizer.load_state_dict(state["trainer"]["optimizer"])
         scheduler.load_state_dict(state["trainer"]["scheduler"])
@@ -204,11 +214,14 @@ def train(cfg: TrainConfig) -> dict:
     # Not the loader (it splits by rank itself) and not the scheduler (accelerate would step it once
     # per process; ours counts this process's optimizer steps).
     model, optimizer = accelerator.prepare(model, optimizer)
-    metrics = MetricsWriter(run_dir, accelerator.is_main_process)
+    metrics = MetricsWriter(run_dir, accelerator.is_main_process, resumed_at=step)
     evaluator = _zero_shot_evaluator(cfg, clip, preprocess_val, tokenizer, accelerator)
     config_record = {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes}
 
     def save() -> None:
+        if accelerator.is_main_process:
+            checkpointing.make_room(run_dir)
+        accelerator.wait_for_everyone()
         checkpointing.write_rank_part(run_dir, step, accelerator.process_index)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -264,7 +277,8 @@ def train(cfg: TrainConfig) -> dict:
                         log.info("epoch %d zero-shot: %s", epoch, result)
         save()
     metrics.close()
-    accelerator.end_training()
+    if own_process_group:
+        accelerator.end_training()
     return last
 
 

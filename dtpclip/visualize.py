@@ -87,6 +87,11 @@ def render(model: torch.nn.Module, paths: Sequence[str], out_dir, transforms: Se
     """Write `<image stem>_<label>.png` for each image into `out_dir` (label: the last transform's name, else
     the encoder's family): the encoder's token groups (its contract's `token_groups`), after applying
     the training-free `transforms` to `model` in place; returns the paths."""
+    stems = [Path(p).stem for p in paths]
+    clashing = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if clashing:
+        raise ValueError(f"images {[str(p) for p in paths if Path(p).stem in clashing]} share the file stem "
+                         f"{clashing[0]!r}: their pictures would overwrite each other in {str(out_dir)!r}")
     model = model.eval()
     specs = apply_transforms(model, transforms)
     label = specs[-1].name if specs else encoder_info(model.pretrained_cfg["architecture"]).family

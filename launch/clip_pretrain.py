@@ -6,9 +6,8 @@ keys as the flags. Multi-node: `accelerate launch --num_machines N --machine_ran
 --main_process_ip HOST --main_process_port PORT --num_processes TOTAL launch/clip_pretrain.py ...`.
 """
 import logging
-import sys
 
-from dtpclip.cli import add_dataclass_arguments, dataclass_from_args, make_parser, parse_args
+from dtpclip.cli import add_dataclass_arguments, dataclass_from_args, make_parser, parse_args, run_main
 from dtpclip.training import TrainConfig, train
 
 
@@ -21,4 +20,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

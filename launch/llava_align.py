@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `deepspeed launch/...` from a checkout
 
-from dtpclip.cli import add_dataclass_arguments, dataclass_from_args, make_parser, parse_args  # noqa: E402
+from dtpclip.cli import add_dataclass_arguments, dataclass_from_args, make_parser, parse_args, run_main  # noqa: E402
 from llava_bridge.align import AlignConfig, train  # noqa: E402
 
 
@@ -27,4 +27,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from dtpclip import checkpointing
 from dtpclip.checkpoint import load_checked, read_state_dict
+from dtpclip.cli import check_config
 from dtpclip.measure import peak_resident_bytes
 from llava_bridge import build
 from llava_bridge.conversation import IGNORE_INDEX, TEMPLATES, get_template
@@ -73,25 +74,29 @@ class AlignConfig:
     template: Optional[str] = field(default=None, metadata={"help": "default: plain (pretrain), vicuna_v1 (finetune)",
                                                             "choices": tuple(TEMPLATES)})
     deepspeed_config: str = field(default=str(CONFIG_DIR / "zero2.json"), metadata={"help": "zero2/zero3 json"})
-    batch_size: int = field(default=32, metadata={"help": "micro batch per rank"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    batch_size: int = field(default=32, metadata={"help": "micro batch per rank", "min": 1})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps", "min": 1})
     lr: Optional[float] = field(default=None, metadata={"help": "default: 1e-3 (pretrain), 2e-5 (finetune)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup share of the steps"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
-    epochs: int = field(default=1, metadata={"help": "passes over the data"})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    max_samples: Optional[int] = field(default=None, metadata={"help": "use the first N records only"})
-    max_length: int = field(default=2048, metadata={"help": "LM sequence cut (after splicing)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the data", "min": 1})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many optimizer steps", "min": 1})
+    max_samples: Optional[int] = field(default=None, metadata={"help": "use the first N records only", "min": 1})
+    max_length: int = field(default=2048, metadata={"help": "LM sequence cut (after splicing)", "min": 1})
     precision: str = field(default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU",
                                                      "choices": ("auto", "bf16", "fp32")})
     seed: int = field(default=0, metadata={"help": "data order and fresh weights"})
-    workers: int = field(default=1, metadata={"help": "data loader processes per rank"})
-    log_every: int = field(default=10, metadata={"help": "log every N optimizer steps"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)"})
+    workers: int = field(default=1, metadata={"help": "data loader processes per rank", "min": 0})
+    log_every: int = field(default=10, metadata={"help": "log every N optimizer steps", "min": 1})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)",
+                                                 "min": 0})
     run_dir: Optional[str] = field(default=None, metadata={
         "help": "output directory (default: $DTPCLIP_RUNS_DIR or ~/.cache/dtpclip/runs, then llava_demo)"})
     resume: Optional[str] = field(default="auto", metadata={"help": "'auto', a checkpoint path, or 'none'"})
+
+    def __post_init__(self):
+        check_config(self)
 
 
 WORLD_OF_ONE = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -177,6 +182,7 @@ def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
     cfg.lr = STAGES[cfg.stage]["lr"] if cfg.lr is None else cfg.lr
     cfg.template = cfg.template or STAGES[cfg.stage]["template"]
     cfg.encoder_checkpoint = build.resolve_encoder_checkpoint(cfg.encoder_checkpoint)
+    cfg.model_kwargs = build.encoder_kwargs(cfg.encoder_checkpoint, cfg.model_kwargs)
     return cfg
 
 
@@ -190,7 +196,7 @@ def build_model(cfg: AlignConfig):
     if cfg.pretrain_projector:  # a stage-1 run directory, its final/, or a projector file
         path = Path(cfg.pretrain_projector)
         path = path / "final" if (path / "final").is_dir() else path
-        if (path / build.VISION_FILE).is_file():  # stage 1 started from a fresh tower: keep that one
+        if (path / build.VISION_FILE).is_file():  # stage 1's own tower
             load_checked(tower.encoder, read_state_dict(path / build.VISION_FILE), path / build.VISION_FILE)
         path = path / build.PROJECTOR_FILE if path.is_dir() else path
         load_checked(model.projector, read_state_dict(path), path)
@@ -218,7 +224,7 @@ def module_state(engine, module) -> dict:
 def save_final(engine, cfg: AlignConfig, tokenizer, rank: int) -> Optional[Path]:
     """Stage 1: the projector (+ a fresh tower's weights); stage 2: the whole model (see build.py)."""
     state = gathered_state(engine, trainable_only=cfg.stage == "pretrain")
-    tower = module_state(engine, engine.module.vision_tower.encoder) if cfg.encoder_checkpoint is None else None
+    tower = module_state(engine, engine.module.vision_tower.encoder)
     if rank != 0:
         return None
     final = Path(cfg.run_dir) / "final"
@@ -233,10 +239,11 @@ def save_final(engine, cfg: AlignConfig, tokenizer, rank: int) -> Optional[Path]
         engine.module.language_model.save_pretrained(staging / build.LM_DIR, state_dict=part("language_model."))
         tokenizer.save_pretrained(staging / build.LM_DIR)
         lm_path = build.LM_DIR
-    if tower is not None:
-        build.save_file_atomic(tower, staging / build.VISION_FILE)
+    build.save_file_atomic(tower, staging / build.VISION_FILE)
+    structure = build.tower_structure(engine.module.vision_tower, cfg.encoder_checkpoint, cfg.transforms)
     config = {"stage": cfg.stage, "encoder": cfg.encoder, "encoder_checkpoint": cfg.encoder_checkpoint,
-              "model_kwargs": cfg.model_kwargs, "transforms": cfg.transforms, "select_layer": cfg.select_layer, "select_feature": cfg.select_feature,
+              "model_kwargs": cfg.model_kwargs, "transforms": cfg.transforms, "tower_structure": structure,
+              "select_layer": cfg.select_layer, "select_feature": cfg.select_feature,
               "projector": cfg.projector, "lm": lm_path, "template": cfg.template, "max_length": cfg.max_length}
     (staging / build.CONFIG_FILE).write_text(json.dumps(config, indent=1))
     if final.exists():
@@ -246,6 +253,9 @@ def save_final(engine, cfg: AlignConfig, tokenizer, rank: int) -> Optional[Path]
 
 
 def save_checkpoint(engine, cfg: AlignConfig, step: int, rank: int) -> None:
+    if rank == 0:
+        checkpointing.make_room(cfg.run_dir)
+    dist.barrier()
     staging = checkpointing.staging_dir(cfg.run_dir, step)
     engine.save_checkpoint(str(staging), tag="engine", exclude_frozen_parameters=True)
     checkpointing.write_rank_part(cfg.run_dir, step, rank)
@@ -303,15 +313,19 @@ def _train(cfg: AlignConfig) -> Optional[Path]:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
     step = 0
-    resume = checkpointing.resolve_resume(cfg.resume, cfg.run_dir)
-    if resume is not None:
+    if cfg.resume in (None, "", "none") and checkpointing.holds_run(cfg.run_dir):
+        raise FileExistsError(f"--run-dir {cfg.run_dir!r} already holds a run (checkpoints or metrics.jsonl): "
+                              "pass a new --run-dir, or --resume auto to continue it")
+    resumed = checkpointing.load_resume(cfg.resume, cfg.run_dir, rank)
+    if resumed is not None:
+        resume, state = resumed
         engine.load_checkpoint(str(resume), tag="engine", load_module_strict=False)
-        state = checkpointing.read_checkpoint(resume, rank)
         checkpointing.set_rng_state(state["rng"])
         step = int(state["trainer"]["step"])
     metrics = Path(cfg.run_dir) / "metrics.jsonl"
     if rank == 0:
         metrics.parent.mkdir(parents=True, exist_ok=True)
+        checkpointing.trim_metrics(metrics, step)
     collate = LlavaCollator(tokenizer.pad_token_id)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=f"llava {cfg.stage}")
     window = {"loss": 0.0, "tokens": 0.0, "samples": 0, "visual": 0, "imaged": 0, "steps": 0,

@@ -1,10 +1,11 @@
 """Building the multimodal model from a run config, and loading a trained one back.
 
 A trained model is a directory (`<run>/final`) holding
-  llava_config.json        what to build: encoder, its kwargs and transforms, its CLIP checkpoint, select layer/feature,
+  llava_config.json        what to build: encoder, its kwargs and structure, select layer/feature,
                            projector kind, LM path (absolute, or relative to the directory), template
   projector.safetensors    the projector's weights
-  vision_tower.safetensors the encoder's weights, only when it did not come from a checkpoint file
+  vision_tower.safetensors the encoder's weights (always: the CLIP run it came from may prune or rewrite its
+                           checkpoints), rebuilt from `tower_structure` (its transforms, quantization)
   lm/                      stage 2 only: the trained LM and its tokenizer (save_pretrained)
 """
 import json
@@ -19,7 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dtpclip.checkpoint import checkpoint_config, load_checked, resolve_checkpoint
-from dtpclip.factory import apply_transforms, create_encoder
+from dtpclip.encoders.quant import quant_config
+from dtpclip.factory import apply_transforms, create_encoder, restore_structure
 from dtpclip.registry import parse_transform, transform_info
 from llava_bridge.conversation import Template, get_template
 from llava_bridge.model import LlavaModel, VisionTower
@@ -44,6 +46,19 @@ def resolve_encoder_checkpoint(given: Optional[str]) -> Optional[str]:
     return given
 
 
+def tower_structure(tower: VisionTower, checkpoint: Optional[str], transforms: Sequence[str]) -> dict:
+    """What was done to the tower's encoder after construction (its checkpoint's transforms, then ours; its
+    quantized structure), so a trained directory rebuilds it from its own files (`restore_structure`)."""
+    saved = checkpoint_config(resolve_checkpoint(checkpoint)[0]) if checkpoint else {}
+    return {"transforms": [*saved.get("transforms", []), *transforms], "quantization": quant_config(tower.encoder)}
+
+
+def encoder_kwargs(checkpoint: Optional[str], model_kwargs: dict) -> dict:
+    """The encoder's constructor kwargs: those its checkpoint's config records, updated by `model_kwargs`."""
+    saved = checkpoint_config(resolve_checkpoint(checkpoint)[0]).get("model_kwargs", {}) if checkpoint else {}
+    return {**saved, **model_kwargs}
+
+
 def build_vision_tower(encoder: str, checkpoint: Optional[str], select_layer: int, select_feature: str,
                        transforms: Sequence[str] = (), seed: int = 0, **model_kwargs) -> VisionTower:
     """A frozen registry encoder (kwargs go to its constructor, after those its checkpoint's config
@@ -53,8 +68,7 @@ def build_vision_tower(encoder: str, checkpoint: Optional[str], select_layer: in
             raise ValueError(f"transform {spec} calibrates on images: apply it to the CLIP with python -m "
                              "dtpclip.quantize and pass that checkpoint as the encoder checkpoint (it loads quantized)")
     torch.manual_seed(seed)  # a fresh tower is the same on every rank and in every run
-    saved = checkpoint_config(resolve_checkpoint(checkpoint)[0]).get("model_kwargs", {}) if checkpoint else {}
-    model = create_encoder(encoder, checkpoint=checkpoint, **{**saved, **model_kwargs})
+    model = create_encoder(encoder, checkpoint=checkpoint, **encoder_kwargs(checkpoint, model_kwargs))
     apply_transforms(model, transforms)
     return VisionTower(model, select_layer, select_feature)
 
@@ -92,10 +106,10 @@ def load_trained(path, dtype: torch.dtype = torch.float32) -> Tuple[LlavaModel, 
         raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_FILE}: expected the 'final' directory of a "
                                 "launch/llava_align.py run (or the run directory)")
     cfg = json.loads((path / CONFIG_FILE).read_text())
-    tower = build_vision_tower(cfg["encoder"], cfg["encoder_checkpoint"], cfg["select_layer"],
-                               cfg["select_feature"], cfg.get("transforms", []), **cfg.get("model_kwargs", {}))
-    if (path / VISION_FILE).is_file():
-        load_checked(tower.encoder, load_file(str(path / VISION_FILE)), path / VISION_FILE)
+    encoder = create_encoder(cfg["encoder"], **cfg.get("model_kwargs", {}))
+    restore_structure(encoder, cfg["tower_structure"])  # the tower's own weights are in the directory
+    load_checked(encoder, load_file(str(path / VISION_FILE)), path / VISION_FILE)
+    tower = VisionTower(encoder, cfg["select_layer"], cfg["select_feature"])
     lm, tokenizer = load_lm(path / cfg["lm"], dtype)  # an absolute cfg["lm"] wins over `path`
     model = LlavaModel(tower, lm, cfg["projector"], cfg.get("max_length"))
     load_checked(model.projector, load_file(str(path / PROJECTOR_FILE)), path / PROJECTOR_FILE)

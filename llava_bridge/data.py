@@ -21,7 +21,10 @@ def read_records(json_path) -> List[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"LLaVA data {str(path)!r} does not exist (expected a json list of "
                                 "{'id', 'image', 'conversations'} records)")
-    records = json.loads(path.read_text())
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"LLaVA data {str(path)!r} is not valid json: {e}") from e
     if not isinstance(records, list) or not records:
         raise ValueError(f"LLaVA data {str(path)!r} must be a non-empty json list of records")
     return records
@@ -36,31 +39,36 @@ class LlavaJsonDataset(Dataset):
         self.image_folder, self.tokenizer, self.template = Path(image_folder), tokenizer, template
         self.transform = transform
         self.source = str(json_path)
+        for index, record in enumerate(self.records):  # before training: a bad record is not found mid-run
+            self._check(index, record)
+
+    def _check(self, index: int, record) -> None:
+        where = f"{self.source} record {index}" + (f" (id {record.get('id')!r})" if isinstance(record, dict) else "")
+        turns = record.get("conversations") if isinstance(record, dict) else None
+        if not turns or not isinstance(turns, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("value"), str) and t.get("from") for t in turns):
+            raise ValueError(f"{where} has no 'conversations' list of {{'from', 'value'}} turns")
+        placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+        if placeholders != int("image" in record):
+            raise ValueError(f"{where} has {placeholders} {IMAGE_TOKEN} placeholders and "
+                             f"{'an' if 'image' in record else 'no'} image; expected one placeholder with an image, "
+                             "or none without")
+        if "image" in record and not (self.image_folder / str(record["image"])).is_file():
+            raise FileNotFoundError(f"{where}: image {str(self.image_folder / str(record['image']))!r} does not "
+                                    f"exist (paths are relative to the image folder {str(self.image_folder)!r})")
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Dict[str, Optional[torch.Tensor]]:
         record = self.records[index]
-        turns = record.get("conversations")
-        if not turns:
-            raise ValueError(f"{self.source} record {index} (id {record.get('id')!r}) has no 'conversations'")
-        placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
-        if placeholders != int("image" in record):
-            raise ValueError(f"{self.source} record {index} (id {record.get('id')!r}) has {placeholders} "
-                             f"{IMAGE_TOKEN} placeholders and {'an' if 'image' in record else 'no'} image; "
-                             "expected one placeholder with an image, or none without")
         try:
-            input_ids, labels = tokenize_conversation(turns, self.tokenizer, self.template)
+            input_ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template)
         except ValueError as e:
             raise ValueError(f"{self.source} record {index} (id {record.get('id')!r}): {e}") from e
         image = None
         if "image" in record:
-            path = self.image_folder / record["image"]
-            if not path.is_file():
-                raise FileNotFoundError(f"{self.source} record {index}: image {str(path)!r} does not exist "
-                                        f"(paths are relative to the image folder {str(self.image_folder)!r})")
-            with Image.open(path) as img:
+            with Image.open(self.image_folder / record["image"]) as img:
                 image = self.transform(img.convert("RGB"))
         return {"input_ids": input_ids, "labels": labels, "image": image}
 

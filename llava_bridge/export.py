@@ -7,19 +7,26 @@ The directory holds config.json (auto_map to the copied hf_model.py), model.safe
 tokenizer. Input ids carry IMAGE_TOKEN_INDEX (-200) placeholders (llava_bridge.conversation),
 pixel_values one image per placeholder.
 """
-import sys
+import os
+import shutil
 from pathlib import Path
 
-from dtpclip.cli import make_parser, parse_args
+from dtpclip.cli import make_parser, parse_args, run_main
 from llava_bridge.hf_model import DtpLlavaConfig, DtpLlavaForConditionalGeneration
 
 
 def export_hf(model, tokenizer, config: dict, out_dir) -> Path:
-    """Write `model` (a LlavaModel) with the build `config` (llava_config.json's keys) to `out_dir`."""
+    """Write `model` (a LlavaModel) with the build `config` (llava_config.json's keys) to `out_dir`, which must
+    not exist yet (or be empty); the export is staged beside it and renamed into place when complete."""
     out_dir = Path(out_dir)
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir())):
+        raise FileExistsError(f"--out {str(out_dir)!r} already exists ({'a file' if out_dir.is_file() else 'not empty'})"
+                              ": choose a new export directory")
+    final, out_dir = out_dir, out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(out_dir, ignore_errors=True)
     text = model.language_model.config.to_dict()
     hf_config = DtpLlavaConfig(
-        encoder=config["encoder"], model_kwargs=config.get("model_kwargs", {}), transforms=config.get("transforms", []),
+        encoder=config["encoder"], model_kwargs=config.get("model_kwargs", {}), tower_structure=config["tower_structure"],
         select_layer=config["select_layer"], select_feature=config["select_feature"],
         projector=config["projector"], lm_config=text, max_sequence_length=config.get("max_length"))
     DtpLlavaConfig.register_for_auto_class()
@@ -28,7 +35,10 @@ def export_hf(model, tokenizer, config: dict, out_dir) -> Path:
     hf.model.load_state_dict(model.state_dict())
     hf.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return out_dir
+    if final.is_dir():
+        final.rmdir()
+    os.replace(out_dir, final)
+    return final
 
 
 def main(argv=None) -> Path:
@@ -44,4 +54,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -5,13 +5,12 @@
 The prompt is put in the model's template ('plain' models see only the image, as in LLaVA's
 stage 1; 'vicuna_v1' ones the system text, `USER: <image>\\nprompt ASSISTANT:`).
 """
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from dtpclip.cli import make_parser, parse_args
+from dtpclip.cli import make_parser, parse_args, run_main
 from llava_bridge.build import image_transform, load_trained
 from llava_bridge.conversation import IMAGE_TOKEN, generation_prompt, tokenize_with_image
 
@@ -44,4 +43,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -10,20 +10,20 @@ exactly as in training. The code imports `dtpclip` and `llava_bridge`, which mus
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from llava_bridge.build import build_vision_tower
-from llava_bridge.model import LlavaModel
+from dtpclip.factory import create_encoder, restore_structure
+from llava_bridge.model import LlavaModel, VisionTower
 
 
 class DtpLlavaConfig(PretrainedConfig):
-    """encoder (registry name), model_kwargs, transforms (spec strings), select_layer, select_feature, projector, lm_config (LM config dict),
+    """encoder (registry name), model_kwargs, tower_structure (its transforms and quantization), select_layer, select_feature, projector, lm_config (LM config dict),
     max_sequence_length (the LM sequence cut after splicing)."""
 
     model_type = "dtpclip_llava"
 
-    def __init__(self, encoder: str = "dtp_vit_tiny_patch16_64_4x", model_kwargs=None, transforms=None,
+    def __init__(self, encoder: str = "dtp_vit_tiny_patch16_64_4x", model_kwargs=None, tower_structure=None,
                  select_layer: int = -1, select_feature: str = "patch", projector: str = "mlp2x_gelu",
                  lm_config=None, max_sequence_length=None, **kwargs):
-        self.encoder, self.model_kwargs, self.transforms = encoder, model_kwargs or {}, list(transforms or [])
+        self.encoder, self.model_kwargs, self.tower_structure = encoder, model_kwargs or {}, tower_structure or {}
         self.select_layer, self.select_feature, self.projector = select_layer, select_feature, projector
         self.lm_config, self.max_sequence_length = lm_config or {}, max_sequence_length
         super().__init__(**kwargs)
@@ -39,8 +39,9 @@ class DtpLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         text = dict(config.lm_config)
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(text.pop("model_type"), **text))
-        tower = build_vision_tower(config.encoder, None, config.select_layer, config.select_feature,
-                                   config.transforms, **config.model_kwargs)
+        encoder = create_encoder(config.encoder, **config.model_kwargs)
+        tower = VisionTower(restore_structure(encoder, config.tower_structure), config.select_layer,
+                            config.select_feature)
         self.model = LlavaModel(tower, lm, config.projector, config.max_sequence_length)
         self.post_init()
 

@@ -114,3 +114,22 @@ def test_zero3_gives_the_losses_and_projector_of_zero2(small_demo, demo_lm, tmp_
     assert torch.nn.functional.linear is linear  # ZeRO-3's process-wide patch is undone
     for name, weight in runs["zero2"][1].items():
         assert (runs["zero3"][1][name] - weight).abs().max() < 1e-5
+
+
+def test_a_trained_model_keeps_its_own_tower(small_demo, demo_lm, tmp_path):
+    """The CLIP run the tower came from may later prune or rewrite that checkpoint: the model does not change."""
+    import open_clip
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    clip = open_clip.create_model("PlainViT-Ti-8-64")
+    (tmp_path / "clip").mkdir()
+    save_file(clip.state_dict(), str(tmp_path / "clip" / "model.safetensors"))
+    final = train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "run", max_steps=1,
+                                      encoder_checkpoint=str(tmp_path / "clip" / "model.safetensors"))))
+    torch.manual_seed(1)
+    save_file(open_clip.create_model("PlainViT-Ti-8-64").state_dict(), str(tmp_path / "clip" / "model.safetensors"))
+    model, _, _, _ = load_trained(final)  # the checkpoint was rewritten ...
+    expected = clip.visual.trunk.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.vision_tower.encoder.state_dict().items())
+    (tmp_path / "clip" / "model.safetensors").unlink()
+    load_trained(final)  # ... and then removed

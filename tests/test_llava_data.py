@@ -39,9 +39,8 @@ def test_image_and_text_only_records_collate_together(tmp_path, small_demo, toke
     assert torch.equal(batch["labels"][1, :lengths[1]], samples[1]["labels"])
 
 
-def test_image_without_placeholder_is_named(tmp_path, small_demo, tokenizer):
+def test_image_without_placeholder_is_named_before_training(tmp_path, small_demo, tokenizer):
     record = {"id": "x7", "image": "missing.jpg", "conversations": [{"from": "human", "value": "what is it?"},
                                                                   {"from": "gpt", "value": "a circle."}]}
-    dataset = write(tmp_path, small_demo, tokenizer, [record])
     with pytest.raises(ValueError, match=r"record 0 \(id 'x7'\) has 0 <image> placeholders and an image"):
-        dataset[0]
+        write(tmp_path, small_demo, tokenizer, [record])

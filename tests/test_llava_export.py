@@ -16,7 +16,8 @@ def test_export_round_trip_gives_identical_logits(tmp_path, images):
     torch.manual_seed(0)
     model = LlavaModel(VisionTower(varying_dtp()), tiny_lm(), "mlp2x_gelu").eval()
     config = {"encoder": "dtp_vit_tiny_patch8_64", "model_kwargs": ENCODER_KWARGS, "select_layer": -1,
-              "select_feature": "patch", "projector": "mlp2x_gelu", "max_length": 64}
+              "select_feature": "patch", "projector": "mlp2x_gelu", "max_length": 64,
+              "tower_structure": {"transforms": [], "quantization": None}}
     export_hf(model, build_tokenizer(["a photo of the circle."] * 4, vocab_size=300), config, tmp_path / "hf")
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     assert type(loaded).__name__ == "DtpLlavaForConditionalGeneration"

@@ -281,6 +281,10 @@ def test_named_merging_clip_equals_the_plain_clip_patched(method, apply):
     assert merged_token_counts(named)[-1] < PATCHES + 1
 
 
-def test_named_merging_encoder_takes_an_r_override():
-    assert merged_token_counts(timm.create_model("tome_vit_tiny_patch8_64_r4", tome_r=2)) == \
-        [PATCHES + 1 - 2 * (i + 1) for i in range(6)]
+def test_named_merging_encoder_is_its_r():
+    assert merged_token_counts(timm.create_model("tome_vit_tiny_patch8_64_r4")) == \
+        [PATCHES + 1 - 4 * (i + 1) for i in range(6)]
+    with pytest.raises(ValueError, match=r"tome_vit_tiny_patch8_64_r4 is the variant \{'tome_r': 4\}.*build "
+                                         r"tome_vit_tiny_patch8_64 with \{'tome_r': 2\}"):
+        timm.create_model("tome_vit_tiny_patch8_64_r4", tome_r=2)
+    assert merged_token_counts(timm.create_model("tome_vit_tiny_patch8_64", tome_r=2))[-1] == PATCHES + 1 - 12

@@ -38,8 +38,8 @@ class BoundaryPredictor(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, prior: float, temperature: float = 0.5,
                  threshold: float = 0.5, eval_boundaries: str = "expected"):
         super().__init__()
-        if not 0.0 < prior < 1.0:
-            raise ValueError(f"compression (boundary prior) must be in (0, 1), got {prior}")
+        if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0.0 < prior < 1.0:
+            raise ValueError(f"compression (boundary prior) must be a number in (0, 1), got {prior!r}")
         self.mlp = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
         nn.init.constant_(self.mlp[-1].bias, math.log(prior / (1.0 - prior)))
         if eval_boundaries not in self.EVAL_RULES:
@@ -140,6 +140,8 @@ class DTPViT(PlainViT):
 
     def forward_pooled(self, images: torch.Tensor):
         """images -> (tokens [B, N, D] with padding zeroed, token_mask [B, N], boundaries [B, L])."""
+        if images.shape[0] == 0:
+            raise ValueError("DTP-ViT got an empty batch (0 images): expected at least one image")
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
         for block in self.blocks[: self.pre_layers]:
             x = self._run_block(block, x)

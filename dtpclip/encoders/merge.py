@@ -437,10 +437,10 @@ def _apply_lgtm_transform(model: nn.Module, calibration=None, r: int = 8, dense:
 
 # Named variants hold the plain ViT's weights (a plain CLIP checkpoint loads), patched at build time,
 # so timm and open_clip (whose configs can only name a model) build them: `tome_vit_{size}_r{r}`,
-# `ToMe-ViT-{tag}-r{r}` at each size's `merge_r`; the `tome_r` kwarg overrides r.
+# `ToMe-ViT-{tag}-r{r}` at each size's `merge_r`, and `tome_vit_{size}` at any `tome_r` (default 0).
 for _method, _clip in (("tome", "ToMe"), ("lgtm", "LGTM")):
     register_vit_family(_method, merging_vit(_method), f"{_method}_vit_{{size}}", f"{_clip}-ViT-{{tag}}",
-                        variants=lambda size: {f"r{r}": {"tome_r": r} for r in size.merge_r})
+                        variants=lambda size: {"": {}, **{f"r{r}": {"tome_r": r} for r in size.merge_r}})
 def _mergeable(encoder: nn.Module) -> bool:
     return getattr(encoder, "mergeable", False)
 

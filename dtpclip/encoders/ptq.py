@@ -28,7 +28,7 @@ from typing import Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from dtpclip.encoders.quant import QUANT_RESTORERS, block_linears, find_encoder, patch_blocks
+from dtpclip.encoders.quant import QUANT_RESTORERS, block_linears, check_bits, find_encoder, patch_blocks
 from dtpclip.registry import REQUIRED, register_transform
 
 PERCENTILES = (1.0, 0.99999, 0.9999, 0.999, 0.99, 0.98, 0.95, 0.9)
@@ -304,6 +304,10 @@ def _install(vit: nn.Module, w_bits: int, a_bits: int, per_channel_inputs: set) 
 def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Tensor], qwt: bool = False) -> nn.Module:
     """RepQ-style PTQ of `model`'s ViT in place on calibration batches (32 images: RepQ-ViT's count),
     then QwT when `qwt`; returns `model`. Run in eval mode; the model's weights change (folding)."""
+    check_bits(w_bits, "weight bits (--w-bits)")
+    check_bits(a_bits, "activation bits (--a-bits)")
+    if not images:
+        raise ValueError("PTQ calibrates on images: got no calibration batches")
     vit = find_encoder(model)
     was_training = vit.training
     vit.eval()

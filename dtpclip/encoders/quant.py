@@ -45,11 +45,20 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (x - x * scale).detach() + x * scale
 
 
+MAX_BITS = 16  # fake quantization in float32 stays exact up to here
+
+
+def check_bits(bits, what: str = "bit width") -> int:
+    """`bits` if it is an integer in [2, MAX_BITS]; a ValueError naming `what` otherwise."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an integer in [2, {MAX_BITS}], got {bits!r}")
+    return bits
+
+
 def quant_range(bits: int, signed: bool, symmetric: bool = True) -> Tuple[int, int]:
     """(Qn, Qp): signed symmetric [-(2^(b-1) - 1), 2^(b-1) - 1] (2 bits: ternary {-1, 0, 1}),
     signed asymmetric [-2^(b-1), 2^(b-1) - 1] (the LSQ paper's), unsigned [0, 2^b - 1]."""
-    if bits < 2:
-        raise ValueError(f"bit width must be at least 2, got {bits}")
+    check_bits(bits)
     if not signed:
         return 0, 2 ** bits - 1
     half = 2 ** (bits - 1)
@@ -162,6 +171,9 @@ def quantize_model(model: nn.Module, w_bits: Optional[int], a_bits: Optional[int
         raise ValueError(f"quantization scope must be one of {SCOPES}, got {scope!r}")
     if w_bits is None and a_bits is None:
         raise ValueError("quantize_model needs w_bits or a_bits (or both)")
+    for bits, what in ((w_bits, "weight bits (--w-bits)"), (a_bits, "activation bits (--a-bits)")):
+        if bits is not None:
+            check_bits(bits, what)
     vit = find_encoder(model)
 
     def act(dim: int, signed: bool = True) -> nn.Module:
