@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -50,6 +51,52 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal.tolist()), gauss_next))
+
+
+LATEST_RUN = "latest_run"  # in the runs root: the directory of the newest run started there
+
+
+def runs_root() -> Path:
+    """Where runs go by default: $DTPCLIP_RUNS_DIR, else ~/.cache/dtpclip/runs."""
+    return Path(os.environ.get("DTPCLIP_RUNS_DIR") or Path.home() / ".cache" / "dtpclip" / "runs")
+
+
+def run_name(label: str) -> str:
+    """A new run's default name, as open_clip's logs/<name>: its model and the time (a count added when two
+    start in the same second), e.g. DTP-ViT-Ti-16-64-4x-20261130-054935."""
+    name = base = f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    count = 1
+    while (runs_root() / name).exists():
+        name, count = f"{base}-{count}", count + 1
+    return name
+
+
+def mark_latest_run(run_dir) -> None:
+    """Record `run_dir` as the runs root's newest run, which the evaluators find with no arguments."""
+    root = runs_root()
+    root.mkdir(parents=True, exist_ok=True)
+    pointer = root / (LATEST_RUN + ".tmp")
+    pointer.write_text(str(Path(run_dir).resolve()))
+    os.replace(pointer, root / LATEST_RUN)
+
+
+def latest_run() -> Optional[Path]:
+    pointer = runs_root() / LATEST_RUN
+    return Path(pointer.read_text().strip()) if pointer.is_file() else None
+
+
+def check_same_run(run_dir, record: dict, keys: Tuple[str, ...]) -> None:
+    """Before resuming `run_dir`: its saved config must agree with this run's on `keys` (the model, its
+    kwargs, the data), else a resume would continue another experiment under this one's name."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None or not (latest / "config.json").is_file():
+        return
+    saved = json.loads((latest / "config.json").read_text())
+    differ = {k: (saved.get(k), record.get(k)) for k in keys if k in saved and saved.get(k) != record.get(k)}
+    if differ:
+        changes = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+        raise FileExistsError(f"run directory {str(run_dir)!r} holds another run ({changes}): pass a new --name or "
+                              "--run-dir for this one, or the same settings to resume it")
 
 
 def checkpoint_dir(run_dir, step: int) -> Path:

@@ -252,7 +252,7 @@ def train_classifier(encoder: nn.Module, train_data: Dataset, val_data: Dataset,
 # the command line
 
 def make_arg_parser():
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.classify")
     parser.add_argument("--model", default=None,
                         help="registry encoder or our open_clip name; None: the checkpoint's config.json")
     parser.add_argument("--checkpoint", default=None,

@@ -13,8 +13,15 @@ import yaml
 from dtpclip.registry import list_transforms, parse_kwargs
 
 
-def make_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def status(message: str) -> None:
+    """A line on stderr before a phase that takes a while, so a long silence has a reason."""
+    print(f"[dtpclip] {message}", file=sys.stderr, flush=True)
+
+
+def make_parser(description: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """An entry point's parser; `prog` is how a user runs it ('python -m dtpclip.zeroshot')."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="YAML or JSON file of flag values (keys as the flags, - or _); the command line wins")
     return parser

@@ -36,6 +36,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from dtpclip.cli import status
 from dtpclip.data import export_llava_pretrain
 from dtpclip.evalsets import write_wds_evalset
 
@@ -330,6 +331,8 @@ def ensure_demo_data(root: str | os.PathLike | None = None, config: DemoConfig =
         for stale in ("train", "eval", "llava", ".partial"):
             shutil.rmtree(root / stale, ignore_errors=True)
 
+        status(f"generating the demo data into {root} ({config.num_train} train + {config.num_eval} eval images, "
+               f"about {max(1, round(25 * (config.num_train + config.num_eval) / 21000))} s a core; once per machine)")
         partial = root / ".partial"
         train_names = _write_train_shards(partial / "train", config)
         write_wds_evalset(partial / "eval", _eval_samples(config), CLASSNAMES, EVAL_TEMPLATES,

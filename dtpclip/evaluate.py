@@ -4,7 +4,6 @@ Metrics follow open_clip_train (`zero_shot.accuracy`: top-k over the logits) and
 (`mean_per_class_recall`: balanced accuracy, i.e. recall averaged over the classes present in the
 targets). They are accumulated batch by batch, so an ImageNet-sized eval set never holds its logits.
 """
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -12,6 +11,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from dtpclip.checkpoint import CONFIG_FILE, LATEST, checkpoint_config, resolve_checkpoint
+from dtpclip.checkpointing import latest_run, runs_root
 from dtpclip.registry import did_you_mean, encoder_info, known_names, list_encoders
 
 MAKE_DEMO_CHECKPOINT = "accelerate launch launch/clip_pretrain.py"
@@ -76,12 +76,6 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor, topk: Tu
 # ---------------------------------------------------------------------------------------------
 # checkpoints and model names
 
-def default_demo_run_dir() -> Path:
-    """Where launch/clip_pretrain.py writes the demo run (its `latest` names the newest checkpoint)."""
-    root = os.environ.get("DTPCLIP_RUNS_DIR") or Path.home() / ".cache" / "dtpclip" / "runs"
-    return Path(root) / "demo"
-
-
 def demo_eval_dir() -> Path:
     """The demo eval set (CLIP_benchmark wds layout): the one already generated, else generated now."""
     from dtpclip import demo_data
@@ -93,12 +87,12 @@ def demo_eval_dir() -> Path:
 
 
 def latest_demo_checkpoint() -> Tuple[Path, Optional[str]]:
-    """The newest checkpoint of the demo run, or an error saying how to make one."""
-    run_dir = default_demo_run_dir()
-    if not (run_dir / LATEST).exists():
+    """The newest checkpoint of the newest CLIP run in the runs root, or an error saying how to make one."""
+    run_dir = latest_run()
+    if run_dir is None or not (run_dir / LATEST).exists():
         raise FileNotFoundError(
-            f"no demo checkpoint: {run_dir / LATEST} does not exist. Train the demo CLIP first with "
-            f"`{MAKE_DEMO_CHECKPOINT}` (or pass --checkpoint PATH)")
+            f"no demo checkpoint: no CLIP run with a checkpoint under {str(runs_root())!r}. Train the demo CLIP "
+            f"first with `{MAKE_DEMO_CHECKPOINT}` (or pass --checkpoint PATH)")
     return resolve_checkpoint(run_dir)
 
 

@@ -8,11 +8,15 @@ skips: their figures leave out the whole attention module (qkv, attention, out-p
 """
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
+
+with warnings.catch_warnings():  # fvcore's focal loss calls the deprecated torch.jit.script when imported
+    warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 ATTENTION_MODULE = re.compile(r"(.*\.)?blocks\.\d+\.attn")
 

@@ -23,7 +23,7 @@ from dtpclip.factory import apply_transforms, create_encoder, encoder_transforms
 from dtpclip.flops import count_macs
 from dtpclip.measure import median_time, peak_memory_bytes
 from dtpclip.pareto import TRAINED, accuracy_point, transform_sweep, write_pareto
-from dtpclip.registry import encoder_info
+from dtpclip.registry import encoder_info, parse_transform
 
 
 DEFAULT_MODEL = "dtp_vit_base_patch32_224_10x"
@@ -144,34 +144,46 @@ def format_profile(name: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+def run_label(checkpoint) -> str:
+    """A checkpoint's run, to tell two points of one model apart: the run directory's name."""
+    path = Path(checkpoint)
+    run = path if (path / "latest").exists() else path.parent if path.is_file() else path
+    return run.parent.parent.name if run.parent.name == "checkpoints" else run.name
+
+
 def pareto_main(args) -> List[dict]:
     """The --pareto job: load each CLIP, sweep the transforms on the first, write json + png."""
     if args.checkpoint is None:
         raise ValueError("--pareto needs --checkpoint: the CLIP (e.g. a plain ViT) the --sweep transforms patch")
     data = args.eval_data or demo_eval_dir()
+    checkpoints = [args.checkpoint, *args.points]
+    sources = [resolve_model(c, args.model if i == 0 else None, args.model_kwargs if i == 0 else None)
+               for i, c in enumerate(checkpoints)]
+    for spec in args.sweep or []:
+        parse_transform(spec)
+    names = [clip_name(source.name) for source in sources]  # every name and spec checked before any compute
     eval_sets, points = {}, []
-    for i, checkpoint in enumerate([args.checkpoint, *args.points]):
-        source = resolve_model(checkpoint, args.model if i == 0 else None, args.model_kwargs if i == 0 else None)
+    for i, (checkpoint, source, name) in enumerate(zip(checkpoints, sources, names)):
         clip, _, preprocess = create_clip_and_transforms(source.name, str(source.weights), source.model_kwargs,
                                                          device=args.device)
-        tokenizer = open_clip.get_tokenizer(clip_name(source.name))
-        eval_set = eval_sets.setdefault(source.name, load_eval_set(data, preprocess))
-        run = Path(checkpoint).name if Path(checkpoint).is_dir() else Path(checkpoint).parent.name
-        new = [accuracy_point(clip, tokenizer, eval_set, f"{source.name} ({run})", TRAINED, device=args.device)]
+        tokenizer = open_clip.get_tokenizer(name)
+        eval_set = eval_sets.setdefault(name, load_eval_set(data, preprocess))
+        label = name + ("" if names.count(name) == 1 else f" ({run_label(checkpoint)})")
+        new = [accuracy_point(clip, tokenizer, eval_set, label, TRAINED, device=args.device)]
         if i == 0 and args.sweep:
             calibration = calibration_batches(args.sweep, args.calib_data, preprocess, device=args.device)
-            new += transform_sweep(clip, tokenizer, eval_set, args.sweep, source.name, calibration, args.device)
+            new += transform_sweep(clip, tokenizer, eval_set, args.sweep, name, calibration, args.device)
         for p in new:
             print(f"{p['label']:40s} {p['gmacs']:.4f} GMACs  top-1 {100 * p['top1']:.1f}%")
         points += new
-    paths = write_pareto(points, args.pareto)
+    paths = write_pareto(points, args.pareto, f"Zero-shot top-1 against compute on {Path(data).name}")
     print(f"wrote {paths['json']} and {paths['png']}")
     return points
 
 
 def main(argv=None):
-    parser = make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help=f"registry encoder name (default {DEFAULT_MODEL}; "
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.profile")
+    parser.add_argument("--model", default=None, help=f"registry or open_clip encoder name (None: {DEFAULT_MODEL}; "
                         "with --pareto: the checkpoint's open_clip name)")
     parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk (with --pareto: the "
                         "CLIP the --sweep transforms patch: file, checkpoint dir or run dir)")
@@ -180,13 +192,14 @@ def main(argv=None):
     parser.add_argument("--sweep", nargs="+", default=None, metavar="SPEC",
                         help="transform specs, each applied alone on top of --transform and profiled (with --pareto: "
                              "evaluated), e.g. tome:r=2 tome:r=4 lgtm:r=4")
-    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=None, help="input size (None: the model's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per timed step")
     parser.add_argument("--embed-dim", type=int, default=None,
-                        help="CLIP projection width (default: the size's CLIP; 0 for the bare encoder)")
+                        help="CLIP projection width (None: the size's CLIP; 0 for the bare encoder)")
     parser.add_argument("--train", action="store_true", help="also time forward+backward and its memory")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast dtype of the timed steps (MACs do not depend on it)")
     parser.add_argument("--flops-images", type=int, default=4, help="images the MACs are averaged over")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -197,7 +210,7 @@ def main(argv=None):
                         "--checkpoint, and of the --points checkpoints")
     parser.add_argument("--points", nargs="*", default=[],
                         help="with --pareto: more trained CLIP checkpoints (e.g. DTP-ViT runs), one point each")
-    parser.add_argument("--eval-data", default=None, help="with --pareto: eval set (default: the demo eval set)")
+    parser.add_argument("--eval-data", default=None, help="with --pareto: eval set (None: the demo eval set)")
     args = parse_args(parser, argv)
     if args.pareto:
         return pareto_main(args)

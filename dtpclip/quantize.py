@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+import open_clip
 import torch
 
 from dtpclip.calibration import calibration_batches, default_calibration_source
@@ -26,9 +27,10 @@ from dtpclip.checkpoint import WEIGHTS_FILE, save_checkpoint_dir
 from dtpclip.cli import add_model_kwargs, add_transform, make_parser, parse_args, run_main
 from dtpclip.clip import create_clip_and_transforms
 from dtpclip.encoders.quant import quant_config
-from dtpclip.evaluate import resolve_model
+from dtpclip.evaluate import demo_eval_dir, resolve_model
 from dtpclip.factory import apply_transforms, create_encoder, encoder_transforms
 from dtpclip.registry import encoder_info
+from dtpclip.zeroshot import run_zero_shot
 
 
 def build_model(name: str, weights, model_kwargs: dict):
@@ -43,15 +45,16 @@ def build_model(name: str, weights, model_kwargs: dict):
 
 
 def default_out(weights: Path, tag: str) -> Path:
-    """Beside the source: `<tag>_<checkpoint dir>` in its run directory (outside the step_* directories
-    that training prunes), or `<tag>_<file stem>` beside a checkpoint file."""
+    """Beside the source: `<tag>_<checkpoint dir>` in its run directory (outside its checkpoints/, which
+    training prunes), or `<tag>_<file stem>` beside a checkpoint file."""
     if weights.name == WEIGHTS_FILE:
-        return weights.parent.parent / f"{tag}_{weights.parent.name}"
+        home = weights.parent.parent
+        return (home.parent if home.name == "checkpoints" else home) / f"{tag}_{weights.parent.name}"
     return weights.parent / f"{tag}_{weights.stem}"
 
 
 def make_arg_parser():
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.quantize")
     parser.add_argument("--model", default=None,
                         help="our open_clip or registry name; None: the checkpoint's config.json")
     parser.add_argument("--checkpoint", default=None, help="CLIP / encoder checkpoint file, checkpoint directory "
@@ -69,6 +72,9 @@ def make_arg_parser():
     parser.add_argument("--batch-size", type=int, default=16, help="calibration images per forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--seed", type=int, default=0, help="which calibration images are picked")
+    parser.add_argument("--eval-data", default=None,
+                        help="zero-shot eval set of the quantized CLIP ('none': skip); None: the demo eval set when "
+                             "quantizing the latest demo checkpoint, else skip")
     parser.add_argument("--out", default=None,
                         help="output checkpoint directory (must not hold a checkpoint yet); None: "
                              "quantized_w<W>a<A>[_qwt]_<source> (default_out)")
@@ -96,6 +102,10 @@ def main(argv=None) -> dict:
               "calib_data": str(calib), "calib_images": sum(len(b) for b in batches)}
     out = save_checkpoint_dir(model, out, config)
     result = {**config, "out": str(out), "seconds": time.perf_counter() - start}
+    eval_data = args.eval_data or (demo_eval_dir() if args.checkpoint is None else "none")
+    if eval_data != "none" and saved_as == encoder_info(saved_as).clip_name:
+        scores = run_zero_shot(model, open_clip.get_tokenizer(saved_as), eval_data, preprocess, device=args.device)
+        result.update(eval_data=str(eval_data), zeroshot_top1=scores["top1"], zeroshot_top5=scores["top5"])
     print(json.dumps(result, indent=2))
     return result
 

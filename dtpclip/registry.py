@@ -211,15 +211,17 @@ class TransformInfo:
     calibration: bool = False
     example: str = ""
     summary: str = ""
+    title: str = ""  # its name in figures and tables ('ToMe')
 
 
 _TRANSFORMS: Dict[str, TransformInfo] = {}
 
 
 def register_transform(name: str, apply: Callable, params: Dict[str, object], applies_to: Callable[[object], bool],
-                       calibration: bool = False, example: str = "", summary: str = "") -> TransformInfo:
+                       calibration: bool = False, example: str = "", summary: str = "", title: str = "") -> TransformInfo:
     """Make a training-free transform known to every pipeline's `--transform` (one call per transform)."""
-    _TRANSFORMS[name] = TransformInfo(name, apply, dict(params), applies_to, calibration, example or name, summary)
+    _TRANSFORMS[name] = TransformInfo(name, apply, dict(params), applies_to, calibration, example or name, summary,
+                                      title or name)
     return _TRANSFORMS[name]
 
 

@@ -18,8 +18,8 @@ import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -27,7 +27,7 @@ from dtpclip import checkpointing
 from dtpclip.cli import check_config
 from dtpclip.clip import create_clip_and_transforms, encode_image
 from dtpclip.data import make_train_loader
-from dtpclip.evaluate import default_demo_run_dir, resolve_model
+from dtpclip.evaluate import resolve_model
 from dtpclip.losses import clip_distill_loss
 from dtpclip.measure import peak_resident_bytes
 
@@ -75,10 +75,13 @@ class TrainConfig:
     lock_text: bool = _f(False, "freeze the text tower")
     workers: int = _f(2, "data loader workers per process", min=0)
     seed: int = _f(0, "seed of model init, data order and boundary sampling")
-    run_dir: Optional[str] = _f(None, "checkpoints, metrics.jsonl and tensorboard logs go here "
-                                      "(default: ~/.cache/dtpclip/runs/demo, or $DTPCLIP_RUNS_DIR/demo)")
+    name: Optional[str] = _f(None, "run name: the run directory is <runs root>/<name> (runs root: "
+                                   "$DTPCLIP_RUNS_DIR or ~/.cache/dtpclip/runs); default: the model and the time")
+    run_dir: Optional[str] = _f(None, "the run directory itself (checkpoints, metrics.jsonl, tensorboard); "
+                                      "overrides --name")
     save_every: int = _f(100, "checkpoint every N optimizer steps (and at every epoch end)", min=1)
-    resume: Optional[str] = _f("auto", "auto (latest in run_dir, if any), a checkpoint path, or none")
+    resume: Optional[str] = _f("auto", "auto (the run directory's latest checkpoint, if any, when its run has "
+                                       "this model, kwargs and data), a checkpoint path, or none")
     log_every: int = _f(10, "log metrics every N optimizer steps", min=1)
     max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (for smoke tests)", min=1)
 
@@ -166,13 +169,29 @@ def _demo_defaults(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, train_data=paths.train_shards, eval_data=cfg.eval_data or str(paths.eval_dir))
 
 
+RESUME_KEYS = ("model", "model_kwargs", "train_data")  # what a resumed run must share with the saved one
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    """--run-dir, else <runs root>/<--name or model-time>, the same on every rank; the latter is marked the
+    runs root's newest run (what the evaluators find with no arguments)."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    name = [cfg.name or checkpointing.run_name(cfg.model)]
+    broadcast_object_list(name)  # the main process's clock names the run
+    run_dir = checkpointing.runs_root() / name[0]
+    if PartialState().is_main_process:
+        checkpointing.mark_latest_run(run_dir)
+    return run_dir
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a CLIP training run; returns the last metrics."""
     own_process_group = not torch.distributed.is_initialized()  # else a caller's (e.g. DeepSpeed's) stays up
     accelerator = Accelerator(mixed_precision=_precision(cfg), gradient_accumulation_steps=cfg.grad_accum_steps)
     cfg = _demo_defaults(cfg)  # generation holds a file lock: other ranks wait, then reuse it
     set_seed(cfg.seed)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_demo_run_dir()
+    run_dir = _run_dir(cfg)
     clip, preprocess_train, preprocess_val = create_clip_and_transforms(cfg.model, cfg.pretrained, cfg.model_kwargs)
     if cfg.lock_image:
         clip.lock_image_tower()
@@ -197,9 +216,12 @@ def train(cfg: TrainConfig) -> dict:
                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
 
     step, epoch, batch_in_epoch = 0, 0, 0
+    config_record = {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes}
     if cfg.resume in (None, "", "none") and checkpointing.holds_run(run_dir):
-        raise FileExistsError(f"--run-dir {str(run_dir)!r} already holds a run (checkpoints or metrics.jsonl): "
-                              "pass a new --run-dir, or --resume auto to continue it")
+        raise FileExistsError(f"run directory {str(run_dir)!r} already holds a run (checkpoints or metrics.jsonl): "
+                              "pass a new --name or --run-dir, or --resume auto to continue it")
+    if cfg.resume == "auto":
+        checkpointing.check_same_run(run_dir, config_record, RESUME_KEYS)
     resumed = checkpointing.load_resume(cfg.resume, run_dir, accelerator.process_index)
     if resumed is not None:
         resume_from, state = resumed
@@ -216,7 +238,6 @@ def train(cfg: TrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics = MetricsWriter(run_dir, accelerator.is_main_process, resumed_at=step)
     evaluator = _zero_shot_evaluator(cfg, clip, preprocess_val, tokenizer, accelerator)
-    config_record = {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes}
 
     def save() -> None:
         if accelerator.is_main_process:
@@ -231,11 +252,22 @@ def train(cfg: TrainConfig) -> dict:
             checkpointing.publish(run_dir, step)
         accelerator.wait_for_everyone()
 
-    last = {}
+    last, evals, started = {}, [], time.perf_counter()
+
+    def evaluate(at_epoch: float) -> None:
+        nonlocal last
+        result = evaluator()
+        if result is not None:
+            metrics.write({"kind": "eval", "step": step, "epoch": at_epoch, **result})
+            last = {**last, **{f"zeroshot_{k}": v for k, v in result.items()}}
+            evals.append((at_epoch, result))
+            log.info("epoch %g/%d zero-shot: top-1 %.4f, top-5 %.4f", at_epoch, cfg.epochs, result["top1"],
+                     result["top5"])
+
     while epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps):
         loader.set_epoch(epoch, skip_batches=batch_in_epoch * cfg.grad_accum_steps)
         model.train()
-        bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}",
+        bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not accelerator.is_main_process, dynamic_ncols=True)
         window = _Window()
         end = time.perf_counter()
@@ -269,17 +301,28 @@ def train(cfg: TrainConfig) -> dict:
         if batch_in_epoch == steps_per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
             if evaluator is not None:
-                result = evaluator()
-                if result is not None:
-                    metrics.write({"kind": "eval", "step": step, "epoch": epoch, **result})
-                    last = {**last, **{f"zeroshot_{k}": v for k, v in result.items()}}
-                    if accelerator.is_main_process:
-                        log.info("epoch %d zero-shot: %s", epoch, result)
+                evaluate(epoch)
+        elif evaluator is not None:  # stopped by --max-steps: the model as it ends is evaluated too
+            evaluate(round(epoch + batch_in_epoch / steps_per_epoch, 3))
         save()
     metrics.close()
+    if accelerator.is_main_process:
+        print(run_summary(run_dir, step, evals, time.perf_counter() - started), flush=True)
     if own_process_group:
         accelerator.end_training()
     return last
+
+
+def run_summary(run_dir: Path, step: int, evals: list, seconds: float) -> str:
+    """The end of a run in a few lines: where it is, how long it took, its zero-shot figures."""
+    lines = [f"run finished: {step} steps in {seconds / 60:.1f} min", f"  run directory   {run_dir}",
+             f"  checkpoint      {checkpointing.latest_checkpoint(run_dir)}"]
+    if evals:
+        best_epoch, best = max(evals, key=lambda e: e[1]["top1"])
+        lines += [f"  zero-shot top-1 {evals[-1][1]['top1']:.4f} at the end (epoch {evals[-1][0]:g}), "
+                  f"best {best['top1']:.4f} (epoch {best_epoch:g})",
+                  f"  evaluate again  python -m dtpclip.zeroshot --checkpoint {run_dir}"]
+    return "\n".join(lines)
 
 
 def contrastive_step(model, loss_fn, images, texts, cfg: TrainConfig, accelerator, teacher=None):

@@ -4,8 +4,9 @@ DTP (as in the DRIP / DTP-ViT figures): the boundary predictor's hard boundaries
 grid; a segment is a run of patches in raster order closed by a boundary (segment ids are the
 exclusive cumsum of the boundaries, as `segment_pool` uses them). ToMe / LGTM (as in ToMe's
 tome/vis.py, github.com/facebookresearch/ToMe): every patch belongs to the merged token whose
-`source` holds it. Each group is filled with its mean colour and outlined in its own colour; a
-DTP picture adds a panel with the boundary patches tinted red. One PNG per image and method:
+`source` holds it. Each group is tinted and outlined in its own colour, with the count of groups
+in its panel's title; a DTP picture adds a panel with the boundary patches tinted red. One PNG per
+image and method:
 
     python -m dtpclip.visualize --model dtp_vit_base_patch32_224_10x --checkpoint ckpt.safetensors \
         --images a.jpg b.jpg --out vis/
@@ -28,25 +29,23 @@ def _palette(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0.15, 1.0, size=(max(n, 1), 3))
 
 
-def draw_groups(image: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """ToMe-style picture: each group of patches filled with its mean colour, outlined in its own colour.
+def draw_groups(image: np.ndarray, groups: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Each group of patches tinted with its own colour over the image (so two large merged regions stay
+    apart), its outline in that colour at full strength.
 
     image [H, W, 3] floats in [0, 1]; groups [h, w] ints on the patch grid (H, W multiples of h, w).
     """
     height, width, _ = image.shape
     labels = np.unique(groups, return_inverse=True)[1].reshape(groups.shape)
     pixels = labels.repeat(height // labels.shape[0], 0).repeat(width // labels.shape[1], 1)
-    count = labels.max() + 1
-    sums = np.zeros((count, 3))
-    np.add.at(sums, pixels.ravel(), image.reshape(-1, 3))
-    mean = sums / np.bincount(pixels.ravel(), minlength=count)[:, None]
-    out = mean[pixels]
+    colours = _palette(labels.max() + 1)[pixels]
+    out = (1 - alpha) * image + alpha * colours
     edge = np.zeros(pixels.shape, dtype=bool)
     edge[:-1] |= pixels[:-1] != pixels[1:]
     edge[1:] |= pixels[:-1] != pixels[1:]
     edge[:, :-1] |= pixels[:, :-1] != pixels[:, 1:]
     edge[:, 1:] |= pixels[:, :-1] != pixels[:, 1:]
-    out[edge] = _palette(count)[pixels[edge]]
+    out[edge] = colours[edge]
     return out
 
 
@@ -59,11 +58,24 @@ def draw_boundaries(image: np.ndarray, boundaries: np.ndarray, alpha: float = 0.
     return out
 
 
-def _to_pil(panels: Sequence[np.ndarray], display_size: int) -> Image.Image:
-    strip = np.concatenate([p for p in panels], axis=1)
-    picture = Image.fromarray(np.uint8(np.clip(strip, 0, 1) * 255 + 0.5))
-    scale = max(1, display_size // panels[0].shape[0])
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+def save_figure(panels: Sequence[np.ndarray], titles: Sequence[str], title: str, path, display_size: int) -> Path:
+    """Panels side by side, each with its title, under `title`; the titles are also the PNG's metadata
+    ('Title', and 'Description' joined by ' | '), so a reader (or a test) finds them without the picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    inches = display_size / 100
+    fig, axes = plt.subplots(1, len(panels), figsize=(inches * len(panels), inches + 0.7), dpi=100, squeeze=False)
+    for ax, panel, panel_title in zip(axes[0], panels, titles):
+        ax.imshow(np.clip(panel, 0, 1), interpolation="nearest")
+        ax.set_title(panel_title, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Title": title, "Description": " | ".join(titles)})
+    plt.close(fig)
+    return Path(path)
 
 
 def load_images(paths: Sequence[str], model: torch.nn.Module):
@@ -85,8 +97,9 @@ def load_images(paths: Sequence[str], model: torch.nn.Module):
 def render(model: torch.nn.Module, paths: Sequence[str], out_dir, transforms: Sequence = (),
            display_size: int = 448) -> List[Path]:
     """Write `<image stem>_<label>.png` for each image into `out_dir` (label: the last transform's name, else
-    the encoder's family): the encoder's token groups (its contract's `token_groups`), after applying
-    the training-free `transforms` to `model` in place; returns the paths."""
+    the encoder's family): the input, the encoder's token groups (its contract's `token_groups`) with their
+    count, and boundary patches where the encoder has them, after applying the training-free `transforms`
+    to `model` in place; returns the paths."""
     stems = [Path(p).stem for p in paths]
     clashing = sorted({stem for stem in stems if stems.count(stem) > 1})
     if clashing:
@@ -94,24 +107,28 @@ def render(model: torch.nn.Module, paths: Sequence[str], out_dir, transforms: Se
                          f"{clashing[0]!r}: their pictures would overwrite each other in {str(out_dir)!r}")
     model = model.eval()
     specs = apply_transforms(model, transforms)
-    label = specs[-1].name if specs else encoder_info(model.pretrained_cfg["architecture"]).family
+    architecture = model.pretrained_cfg["architecture"]
+    label = specs[-1].name if specs else encoder_info(architecture).family
     inputs, shown = load_images(paths, model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups, boundaries = model.token_groups(inputs)
+    patches = groups[0].numel()
     written = []
     for i, path in enumerate(paths):
+        count = len(np.unique(groups[i].cpu().numpy()))
         panels = [shown[i], draw_groups(shown[i], groups[i].cpu().numpy())]
+        titles = ["input", f"{count} token groups of {patches} patches (one colour each)"]
         if boundaries is not None:
             panels.append(draw_boundaries(shown[i], boundaries[i].cpu().numpy()))
-        target = out_dir / f"{Path(path).stem}_{label}.png"
-        _to_pil(panels, display_size).save(target)
-        written.append(target)
+            titles.append(f"red: the {int(boundaries[i].sum())} patches that close a segment")
+        title = " ".join([architecture, *map(str, specs)]) + f": {Path(path).name}"
+        written.append(save_figure(panels, titles, title, out_dir / f"{Path(path).stem}_{label}.png", display_size))
     return written
 
 
 def main(argv=None) -> List[Path]:
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.visualize")
     parser.add_argument("--model", required=True, help="registry encoder name (dtp_vit_*, plain_vit_*, ...)")
     parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk")
     add_model_kwargs(parser)

@@ -164,7 +164,7 @@ def run_zero_shot(model: torch.nn.Module, tokenizer: Callable, data: Union[str, 
 
 
 def make_arg_parser():
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.zeroshot")
     parser.add_argument("--model", default=None,
                         help="our open_clip name, e.g. DTP-ViT-B-32-10x; None: the checkpoint's config.json")
     parser.add_argument("--checkpoint", default=None,

@@ -12,7 +12,7 @@ from dtpclip.training import TrainConfig, train
 
 
 def main(argv=None) -> dict:
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], "accelerate launch launch/clip_pretrain.py")
     add_dataclass_arguments(parser, TrainConfig)
     args = parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

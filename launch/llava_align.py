@@ -17,7 +17,7 @@ from llava_bridge.align import AlignConfig, train  # noqa: E402
 
 
 def main(argv=None):
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], "deepspeed launch/llava_align.py")
     add_dataclass_arguments(parser, AlignConfig)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                         help="set by the deepspeed launcher (the rank is read from LOCAL_RANK)")

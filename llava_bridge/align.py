@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from dtpclip import checkpointing
 from dtpclip.checkpoint import load_checked, read_state_dict
-from dtpclip.cli import check_config
+from dtpclip.cli import check_config, status
 from dtpclip.measure import peak_resident_bytes
 from llava_bridge import build
 from llava_bridge.conversation import IGNORE_INDEX, TEMPLATES, get_template
@@ -45,9 +45,11 @@ STAGES = {"pretrain": dict(lr=1e-3, template="plain"), "finetune": dict(lr=2e-5,
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
 
 
-def _default_run_dir() -> str:
-    root = os.environ.get("DTPCLIP_RUNS_DIR") or Path.home() / ".cache" / "dtpclip" / "runs"
-    return str(Path(root) / "llava_demo")
+def _default_run_dir(cfg: "AlignConfig") -> str:
+    """<runs root>/<--name, else llava-<stage>-<encoder>-<time>>, named by rank 0's clock."""
+    name = [cfg.name or checkpointing.run_name(f"llava-{cfg.stage}-{cfg.encoder}")]
+    dist.broadcast_object_list(name, src=0)
+    return str(checkpointing.runs_root() / name[0])
 
 
 @dataclass
@@ -91,8 +93,10 @@ class AlignConfig:
     log_every: int = field(default=10, metadata={"help": "log every N optimizer steps", "min": 1})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)",
                                                  "min": 0})
-    run_dir: Optional[str] = field(default=None, metadata={
-        "help": "output directory (default: $DTPCLIP_RUNS_DIR or ~/.cache/dtpclip/runs, then llava_demo)"})
+    name: Optional[str] = field(default=None, metadata={
+        "help": "run name: the run directory is <runs root>/<name> (runs root: $DTPCLIP_RUNS_DIR or "
+                "~/.cache/dtpclip/runs); default: llava-<stage>-<encoder>-<time>"})
+    run_dir: Optional[str] = field(default=None, metadata={"help": "the run directory itself; overrides --name"})
     resume: Optional[str] = field(default="auto", metadata={"help": "'auto', a checkpoint path, or 'none'"})
 
     def __post_init__(self):
@@ -104,6 +108,7 @@ WORLD_OF_ONE = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 
 def init_distributed(device: torch.device):
     """torch.distributed through DeepSpeed; a plain `python` run becomes a world of one."""
+    status("starting DeepSpeed (on a machine's first run it may build its ops: minutes, with little output)")
     import deepspeed
     if "RANK" not in os.environ:
         with socket.socket() as s:
@@ -170,7 +175,7 @@ def token_loss(logits, labels, world: int):
 
 def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
     from dtpclip.demo_data import ensure_demo_data
-    cfg.run_dir = cfg.run_dir or _default_run_dir()
+    cfg.run_dir = cfg.run_dir or _default_run_dir(cfg)
     if cfg.data_path is None:
         demo = ensure_demo_data()
         cfg.data_path, cfg.image_folder = str(demo.llava_json), str(demo.llava_images)
@@ -316,6 +321,8 @@ def _train(cfg: AlignConfig) -> Optional[Path]:
     if cfg.resume in (None, "", "none") and checkpointing.holds_run(cfg.run_dir):
         raise FileExistsError(f"--run-dir {cfg.run_dir!r} already holds a run (checkpoints or metrics.jsonl): "
                               "pass a new --run-dir, or --resume auto to continue it")
+    if cfg.resume == "auto":
+        checkpointing.check_same_run(cfg.run_dir, asdict(cfg), ("stage", "encoder", "model_kwargs", "data_path"))
     resumed = checkpointing.load_resume(cfg.resume, cfg.run_dir, rank)
     if resumed is not None:
         resume, state = resumed

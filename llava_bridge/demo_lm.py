@@ -18,8 +18,10 @@ from typing import List, Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from dtpclip.cli import status
 from llava_bridge.conversation import TEMPLATES
 
 ENV_VAR = "DTPCLIP_LLAVA_LM_DIR"
@@ -70,7 +72,7 @@ def pretrain_lm(model, tokenizer, texts: Sequence[str], steps: int, batch_size: 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="demo LM pre-training", unit="step"):
         batch = tokenizer([tokenizer.bos_token + t + tokenizer.eos_token for t in rng.sample(texts, batch_size)],
                           add_special_tokens=False, padding=True, return_tensors="pt")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -102,6 +104,8 @@ def ensure_demo_lm(root: Optional[os.PathLike] = None, llava_json: Optional[os.P
         captions = [r["conversations"][1]["value"] for r in records]
         prompts = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in records]
         texts = corpus(captions, prompts)
+        status(f"building the demo LM into {root}: a tokenizer and a tiny Llama trained {steps} steps on the demo "
+               "captions (once per data set)")
         tokenizer = build_tokenizer(texts)
         model = build_model(tokenizer)
         losses = pretrain_lm(model, tokenizer, texts, steps)

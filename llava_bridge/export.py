@@ -43,7 +43,7 @@ def export_hf(model, tokenizer, config: dict, out_dir) -> Path:
 
 def main(argv=None) -> Path:
     from llava_bridge.build import load_trained
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], "python -m llava_bridge.export")
     parser.add_argument("--checkpoint", required=True, help="a llava_align run directory or its final/")
     parser.add_argument("--out", required=True, help="export directory")
     args = parse_args(parser, argv)

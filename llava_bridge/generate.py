@@ -30,7 +30,7 @@ def generate(checkpoint, image_path, prompt: str, max_new_tokens: int = 32) -> s
 
 
 def main(argv=None) -> str:
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], "python -m llava_bridge.generate")
     parser.add_argument("--checkpoint", required=True, help="a llava_align run directory or its final/")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--prompt", default="Describe the image concisely.", help="the question")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
 from conftest import TINY
-from dtpclip import classify
+from dtpclip import checkpointing, classify
 from dtpclip.classify import build_classifier, build_encoder, stratified_split, train_classifier
 from dtpclip.evalsets import write_wds_evalset
 
@@ -129,6 +129,7 @@ def test_cli_without_arguments_uses_the_demo_checkpoint_and_eval_set(ti_checkpoi
     (ckpt / "model.safetensors").symlink_to(ti_checkpoint)
     (ckpt / "config.json").write_text(json.dumps({"model": "PlainViT-Ti-8-64"}))
     (tmp_path / "runs" / "demo" / "latest").symlink_to(ckpt)
+    checkpointing.mark_latest_run(tmp_path / "runs" / "demo")  # what a training run started there records
     demo = tmp_path / "demo_eval"
     write_wds_evalset(demo, ((png(COLOURS[i % 3], i), "png", i % 3) for i in range(30)), ["red", "green", "blue"],
                       ["a {c} image."])

@@ -3,6 +3,7 @@ import json
 
 import open_clip
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from dtpclip import profile
@@ -26,9 +27,11 @@ def test_pareto_writes_merging_lines_and_trained_points(tmp_path, small_demo):
                            "--sweep", "tome:r=4", "tome:r=8", "lgtm:r=4", "lgtm:r=8", "--eval-data", str(small_demo.eval_dir)])
     saved = json.loads((tmp_path / "out" / "pareto.json").read_text())
     assert saved == points and (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
+    text = Image.open(tmp_path / "out" / "pareto.png").text
+    assert text["Title"].startswith("Zero-shot top-1 against compute on ")
+    assert text["Description"] == "ToMe | DFE + LGTM | PlainViT-Ti-8-64 | DTP-ViT-Ti-8-64-4x"
     by = {(p["method"], p["r"]): p for p in points}
-    assert [p["label"] for p in points if p["method"] == "trained"] == ["PlainViT-Ti-8-64 (plain)",
-                                                                        "DTP-ViT-Ti-8-64-4x (dtp)"]
+    assert [p["label"] for p in points if p["method"] == "trained"] == ["PlainViT-Ti-8-64", "DTP-ViT-Ti-8-64-4x"]
     plain_macs = points[0]["gmacs"]
     assert by[("tome", 8)]["gmacs"] < by[("tome", 4)]["gmacs"] < plain_macs
     assert by[("tome", 4)]["gmacs"] < by[("lgtm", 4)]["gmacs"] < plain_macs  # LGTM keeps 2 layers dense

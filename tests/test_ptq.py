@@ -204,3 +204,5 @@ def test_default_out_stays_outside_the_step_directories_training_prunes(tmp_path
     run = tmp_path / "run"
     assert quantize.default_out(run / "step_5" / "model.safetensors", "quantized_w4a4") == run / "quantized_w4a4_step_5"
     assert quantize.default_out(run / "clip.safetensors", "quantized_w8a8") == run / "quantized_w8a8_clip"
+    step = run / "checkpoints" / "step_00000010" / "model.safetensors"  # a training run's layout
+    assert quantize.default_out(step, "quantized_w4a4") == run / "quantized_w4a4_step_00000010"

@@ -124,3 +124,22 @@ def test_teacher_with_another_tokenization_is_refused(micro_vit_clip_name, small
     train(config(micro_vit_clip_name, small_demo, tmp_path / "teacher", epochs=1, max_steps=1))
     with pytest.raises(ValueError, match="reads 24 text tokens, the student 77"):
         load_clip_teacher(str(tmp_path / "teacher"), 77, "cpu")
+
+
+def test_runs_are_named_per_run_and_resume_only_their_own_model(micro_clip_name, micro_vit_clip_name, small_demo,
+                                                               tmp_path, monkeypatch):
+    """After one run, a run of another model with no run flags trains that model; pointing it at the first
+    run's directory is refused, since --resume auto would continue the other model."""
+    from dtpclip.checkpointing import latest_run
+    monkeypatch.setenv("DTPCLIP_RUNS_DIR", str(tmp_path))
+    flags = dict(train_data=small_demo.train_shards, eval_data="", batch_size=16, workers=0, epochs=1,
+                 samples_per_epoch=32, warmup_steps=1)
+    train(TrainConfig(model=micro_clip_name, **flags))
+    first = latest_run()
+    train(TrainConfig(model=micro_vit_clip_name, **flags))
+    second = latest_run()
+    assert first != second and first.parent == second.parent == tmp_path
+    assert second.name.startswith(micro_vit_clip_name) and (second / "latest").is_file()
+    assert sorted(losses(first)) == sorted(losses(second)) == [2]
+    with pytest.raises(FileExistsError, match=r"holds another run \(model: 'DTP-Micro-test' there, 'VIT-Micro-test'"):
+        train(TrainConfig(model=micro_vit_clip_name, run_dir=str(first), **flags))

@@ -1,4 +1,6 @@
 """Boundary and merge-group pictures: PNGs are written, and each method draws something different."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -29,34 +31,38 @@ def test_segment_ids_are_the_exclusive_cumsum_of_boundaries():
     assert segment_ids(boundaries).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
 
 
-def test_draw_groups_fills_each_group_with_its_mean_colour():
-    image = np.zeros((4, 4, 3))
-    image[:, 2:] = 1.0
-    image[0, 0] = 0.4  # the left group (columns 0-1, 8 pixels) averages 0.4 / 8
-    groups = np.array([[0, 1], [0, 1]])  # 2x2 patch grid, 2x2 pixels per patch
+def test_draw_groups_tints_each_group_in_its_own_colour():
+    image = np.zeros((4, 16, 3))
+    image[:, 8:] = 1.0
+    groups = np.array([[0, 0, 1, 1]])  # two groups of two 4x4 patches
     out = visualize.draw_groups(image, groups)
     assert out.shape == image.shape
-    assert np.allclose(out[:, 0], 0.4 / 8) and np.allclose(out[:, 3], 1.0)  # group interiors: mean colour
-    assert not np.allclose(out[:, 1], 0.4 / 8) and not np.allclose(out[:, 2], 1.0)  # the border: outlines
+    inside_a, inside_b = out[1:3, 1:3].reshape(-1, 3), out[1:3, 9:11].reshape(-1, 3)
+    assert np.allclose(inside_a, inside_a[0]) and np.allclose(inside_b, inside_b[0])  # flat inside a group
+    assert not np.allclose(inside_a[0] - 0.0, inside_b[0] - 1.0)  # different tints, not only the image
+    assert not np.allclose(out[:, 7], out[1, 1])  # the border is drawn
 
 
-def test_each_method_writes_a_different_png(image_files, tmp_path):
+def test_each_method_writes_a_titled_png(image_files, tmp_path):
     dtp = tiny("dtp_vit_tiny_patch8_64")
     with torch.no_grad():
         dtp.boundary_predictor.mlp[-1].bias.fill_(0.0)  # about half the patches close a segment
     written = {"dtp": visualize.render(dtp, image_files, tmp_path / "out", display_size=128)}
     for spec in ("tome:r=8", "lgtm:r=8,dense=1,local=2"):
         written[spec[:4]] = visualize.render(tiny(), image_files, tmp_path / "out", [spec], display_size=128)
-    pictures = {}
+    text = {}
     for method, paths in written.items():
         assert [p.name for p in paths] == [f"img0_{method}.png", f"img1_{method}.png"]
-        assert all(p.is_file() for p in paths)
-        pictures[method] = np.asarray(Image.open(paths[0]).convert("RGB"), dtype=np.int32)
-    assert pictures["dtp"].shape == (128, 3 * 128, 3)  # image | segments | boundary mask
-    assert pictures["tome"].shape == pictures["lgtm"].shape == (128, 2 * 128, 3)  # image | merge groups
+        text[method] = Image.open(paths[0]).text
+    dtp_panels = text["dtp"]["Description"].split(" | ")
+    assert text["dtp"]["Title"] == "dtp_vit_tiny_patch8_64: img0.png" and len(dtp_panels) == 3
+    assert re.fullmatch(r"\d+ token groups of 64 patches \(one colour each\)", dtp_panels[1])
+    assert re.fullmatch(r"red: the \d+ patches that close a segment", dtp_panels[2])
+    assert text["tome"]["Title"] == "plain_vit_tiny_patch8_64 tome:r=8,prop_attn=True: img0.png"
+    tome_groups = int(text["tome"]["Description"].split(" | ")[1].split()[0])
+    assert tome_groups == 64 - 4 * 8 + 1 - 1 and text["lgtm"]["Description"] != text["tome"]["Description"]
+    pictures = {m: np.asarray(Image.open(p[0]).convert("RGB"), dtype=np.int32) for m, p in written.items()}
     assert np.abs(pictures["tome"] - pictures["lgtm"]).sum() > 0
-    assert np.abs(pictures["dtp"][:, :256] - pictures["tome"]).sum() > 0
-    assert np.array_equal(pictures["tome"][:, :128], pictures["lgtm"][:, :128])  # the same input panel
 
 
 def test_cli_takes_flags_and_a_config_file(image_files, tmp_path):

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 import dtpclip  # noqa: F401  (registers our open_clip names)
-from dtpclip import zeroshot
+from dtpclip import checkpointing, zeroshot
 from dtpclip.evalsets import load_eval_set, write_wds_evalset
 from dtpclip.checkpoint import resolve_checkpoint
 from dtpclip.evaluate import ClassificationMeter, classification_metrics
@@ -172,7 +172,7 @@ def test_resolve_checkpoint_file_directory_and_run_latest(tmp_path, tiny_clip):
 
 
 def test_resolves_the_checkpoints_the_training_loop_publishes(tmp_path, tiny_clip):
-    from dtpclip import checkpointing
+
     model, _ = tiny_clip
     checkpointing.write_main_part(tmp_path, 10, model.state_dict(), {"step": 10}, {"model": "PlainViT-Ti-8-64"})
     final = checkpointing.publish(tmp_path, 10)
@@ -202,6 +202,7 @@ def test_cli_without_arguments_uses_latest_demo_checkpoint(tiny_clip, wds_set, t
     (ckpt / "model.safetensors").symlink_to(path)
     (ckpt / "config.json").write_text(json.dumps({"model": "PlainViT-Ti-8-64"}))
     (tmp_path / "runs" / "demo" / "latest").write_text(str(ckpt))
+    checkpointing.mark_latest_run(tmp_path / "runs" / "demo")  # what a training run started there records
     monkeypatch.setattr(zeroshot, "demo_eval_dir", lambda: wds_set)
     result = zeroshot.main(["--workers", "0", "--templates", "simple"])
     assert result["checkpoint"] == str(ckpt / "model.safetensors") and result["templates"] == 7

@@ -446,7 +446,8 @@ def _mergeable(encoder: nn.Module) -> bool:
 
 
 register_transform("tome", _apply_tome_transform, {"r": 8, "prop_attn": True}, _mergeable, example="tome:r=2",
-                   summary="ToMe (Bolya et al. 2023): r merges per block")
+                   summary="ToMe (Bolya et al. 2023): r merges per block", title="ToMe")
 register_transform("lgtm", _apply_lgtm_transform, {"r": 8, "dense": 2, "local": 2, "prop_attn": True}, _mergeable,
                    example="lgtm:r=4,dense=1,local=1",
-                   summary="DFE + LGTM (Heo et al. 2023): dense blocks, 2x2-window merges, then global")
+                   summary="DFE + LGTM (Heo et al. 2023): dense blocks, 2x2-window merges, then global",
+                   title="DFE + LGTM")

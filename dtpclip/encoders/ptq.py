@@ -355,4 +355,5 @@ QUANT_RESTORERS["repq"] = restore_ptq
 register_transform("ptq", _apply_ptq_transform, {"w": REQUIRED, "a": REQUIRED, "qwt": False},
                    lambda encoder: getattr(encoder, "quantizable", False), calibration=True,
                    example="ptq:w=8,a=8",
-                   summary="RepQ-style post-training quantization at w/a bits, optionally with QwT compensation")
+                   summary="RepQ-style post-training quantization at w/a bits, optionally with QwT compensation",
+                   title="RepQ-style PTQ")
