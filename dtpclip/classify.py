@@ -17,8 +17,70 @@ Data: eval-set directories (CLIP_benchmark wds with .cls, or ImageFolder; dtpcli
 folders `--train-split` / `--val-split` (the root itself when absent). Without `--val-data` a
 stratified, seeded `--val-fraction` of the train data is held out (read into memory: small sets).
 """
-import json
 import os
+
+from dtpclip.cli import add_model_kwargs, early_args, make_parser, parse_args, run_main
+from dtpclip.specs import FEATURE_LOSSES, LOGIT_LOSSES, QUANT_SCOPES
+
+MODES = ("linear", "finetune", "scratch")
+# head learning rate per mode when --lr is not given: a probe on cached features takes a large
+# step; fine-tuning a pretrained encoder a small one (its encoder at --encoder-lr-scale of it)
+DEFAULT_LR = {"linear": 1e-2, "finetune": 1e-4, "scratch": 1e-3}
+
+
+def make_arg_parser():
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.classify")
+    parser.add_argument("--model", default=None,
+                        help="registry encoder or our open_clip name; None: the checkpoint's config.json")
+    parser.add_argument("--checkpoint", default=None,
+                        help="CLIP checkpoint file, dtpclip checkpoint directory or run directory; None: the "
+                             "latest demo checkpoint (scratch uses only its model name)")
+    add_model_kwargs(parser)
+    parser.add_argument("--train-data", default=None, help="labelled eval-set directory, wds or ImageFolder; "
+                        "None: the demo eval set, split into train/val")
+    parser.add_argument("--val-data", default=None, help="labelled eval-set directory; None: hold out "
+                        "--val-fraction of the train data")
+    parser.add_argument("--train-split", default="train", help="split folder of --train-data")
+    parser.add_argument("--val-split", default="test", help="split folder of --val-data")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="held out per class when no --val-data")
+    parser.add_argument("--mode", default="linear", choices=MODES,
+                        help="linear: frozen encoder + head; finetune: both; scratch: both from fresh weights")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the train data")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"head learning rate (AdamW, cosine); None: per mode {DEFAULT_LR}")
+    parser.add_argument("--encoder-lr-scale", type=float, default=0.1, help="encoder lr / head lr in finetune")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    parser.add_argument("--batch-size", type=int, default=128, help="images (or features) per step")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    parser.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="head init, shuffling and the train/val split")
+    parser.add_argument("--output", default=None, help="write the result (with per-epoch metrics) as JSON to this file")
+    parser.add_argument("--w-bits", type=int, default=None,
+                        help="LSQ quantization-aware training: weight bits of the encoder's blocks; None: float")
+    parser.add_argument("--a-bits", type=int, default=None, help="LSQ: activation bits; None: float")
+    parser.add_argument("--quant-scope", default="linear", choices=QUANT_SCOPES,
+                        help="LSQ: the blocks' Linears, or also attention (q, k, v, probabilities)")
+    parser.add_argument("--save", default=None, help="write the trained encoder + head as a checkpoint directory "
+                        "(model.safetensors + config.json): a --checkpoint or teacher for the next KD step")
+    parser.add_argument("--teacher", default=None, help="distil from this classifier (registry or open_clip name; "
+                        "None with --teacher-checkpoint: the name in its config.json); finetune / scratch only")
+    parser.add_argument("--teacher-checkpoint", default=None, help="the teacher's weights, head included (file, "
+                        "dtpclip checkpoint directory or run directory; quantized ones load quantized)")
+    parser.add_argument("--distill", default="dkd", choices=LOGIT_LOSSES, help="logit distillation with a teacher")
+    parser.add_argument("--distill-weight", type=float, default=4.0, help="weight of the logit distillation term")
+    parser.add_argument("--dkd-alpha", type=float, default=0.5, help="DKD weight of the target-class part (TCKD)")
+    parser.add_argument("--dkd-beta", type=float, default=1.5, help="DKD weight of the non-target part (NCKD)")
+    parser.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of KD / DKD")
+    parser.add_argument("--feature-distill", default=None, choices=FEATURE_LOSSES,
+                        help="also distil block outputs (summed over blocks; same depth, width and tokens)")
+    parser.add_argument("--feature-distill-weight", type=float, default=1.0, help="weight of the feature term")
+    return parser
+
+
+# `python -m`: the arguments are parsed here, before the heavy imports below (fast --help)
+ARGS = early_args(make_arg_parser, __name__)
+
+import json  # noqa: E402  (after the early parse, as every import below)
 import random
 import time
 from pathlib import Path
@@ -30,19 +92,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from tqdm import tqdm
 
-from dtpclip.cli import add_model_kwargs, make_parser, parse_args, run_main
-from dtpclip.encoders.quant import SCOPES, quant_config, quantize_model
+from dtpclip.encoders.quant import quant_config, quantize_model
 from dtpclip.evalsets import load_eval_set
 from dtpclip.checkpoint import write_json
 from dtpclip.evaluate import ClassificationMeter, check_labels, demo_eval_dir, registry_name, resolve_model
-from dtpclip.losses import FEATURE_LOSSES, LOGIT_LOSSES, Distiller, load_teacher
+from dtpclip.losses import Distiller, load_teacher
 from dtpclip.checkpoint import save_checkpoint_dir
 from dtpclip.factory import create_encoder, encoder_transforms
-
-MODES = ("linear", "finetune", "scratch")
-# head learning rate per mode when --lr is not given: a probe on cached features takes a large
-# step; fine-tuning a pretrained encoder a small one (its encoder at --encoder-lr-scale of it)
-DEFAULT_LR = {"linear": 1e-2, "finetune": 1e-4, "scratch": 1e-3}
+from dtpclip.measure import default_device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,55 +308,6 @@ def train_classifier(encoder: nn.Module, train_data: Dataset, val_data: Dataset,
 # ---------------------------------------------------------------------------------------------
 # the command line
 
-def make_arg_parser():
-    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.classify")
-    parser.add_argument("--model", default=None,
-                        help="registry encoder or our open_clip name; None: the checkpoint's config.json")
-    parser.add_argument("--checkpoint", default=None,
-                        help="CLIP checkpoint file, dtpclip checkpoint directory or run directory; None: the "
-                             "latest demo checkpoint (scratch uses only its model name)")
-    add_model_kwargs(parser)
-    parser.add_argument("--train-data", default=None, help="labelled eval-set directory, wds or ImageFolder; "
-                        "None: the demo eval set, split into train/val")
-    parser.add_argument("--val-data", default=None, help="labelled eval-set directory; None: hold out "
-                        "--val-fraction of the train data")
-    parser.add_argument("--train-split", default="train", help="split folder of --train-data")
-    parser.add_argument("--val-split", default="test", help="split folder of --val-data")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="held out per class when no --val-data")
-    parser.add_argument("--mode", default="linear", choices=MODES,
-                        help="linear: frozen encoder + head; finetune: both; scratch: both from fresh weights")
-    parser.add_argument("--epochs", type=int, default=10, help="passes over the train data")
-    parser.add_argument("--lr", type=float, default=None,
-                        help=f"head learning rate (AdamW, cosine); None: per mode {DEFAULT_LR}")
-    parser.add_argument("--encoder-lr-scale", type=float, default=0.1, help="encoder lr / head lr in finetune")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    parser.add_argument("--batch-size", type=int, default=128, help="images (or features) per step")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--seed", type=int, default=0, help="head init, shuffling and the train/val split")
-    parser.add_argument("--output", default=None, help="write the result (with per-epoch metrics) as JSON to this file")
-    parser.add_argument("--w-bits", type=int, default=None,
-                        help="LSQ quantization-aware training: weight bits of the encoder's blocks; None: float")
-    parser.add_argument("--a-bits", type=int, default=None, help="LSQ: activation bits; None: float")
-    parser.add_argument("--quant-scope", default="linear", choices=SCOPES,
-                        help="LSQ: the blocks' Linears, or also attention (q, k, v, probabilities)")
-    parser.add_argument("--save", default=None, help="write the trained encoder + head as a checkpoint directory "
-                        "(model.safetensors + config.json): a --checkpoint or teacher for the next KD step")
-    parser.add_argument("--teacher", default=None, help="distil from this classifier (registry or open_clip name; "
-                        "None with --teacher-checkpoint: the name in its config.json); finetune / scratch only")
-    parser.add_argument("--teacher-checkpoint", default=None, help="the teacher's weights, head included (file, "
-                        "dtpclip checkpoint directory or run directory; quantized ones load quantized)")
-    parser.add_argument("--distill", default="dkd", choices=LOGIT_LOSSES, help="logit distillation with a teacher")
-    parser.add_argument("--distill-weight", type=float, default=4.0, help="weight of the logit distillation term")
-    parser.add_argument("--dkd-alpha", type=float, default=0.5, help="DKD weight of the target-class part (TCKD)")
-    parser.add_argument("--dkd-beta", type=float, default=1.5, help="DKD weight of the non-target part (NCKD)")
-    parser.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of KD / DKD")
-    parser.add_argument("--feature-distill", default=None, choices=FEATURE_LOSSES,
-                        help="also distil block outputs (summed over blocks; same depth, width and tokens)")
-    parser.add_argument("--feature-distill-weight", type=float, default=1.0, help="weight of the feature term")
-    return parser
-
-
 def build_distiller(args, num_classes: int, encoder: nn.Module) -> Optional[Distiller]:
     """The `--teacher` options as a Distiller (None without a teacher); the teacher must see the same images."""
     if args.teacher is None and args.teacher_checkpoint is None:
@@ -337,8 +345,9 @@ def load_datasets(train_path: Path, val_path: Optional[Path], train_tf: Callable
     return train.dataset, val.dataset, train.classnames
 
 
-def main(argv=None) -> dict:
-    args = parse_args(make_arg_parser(), argv)
+def main(argv=None, args=None) -> dict:
+    args = args or parse_args(make_arg_parser(), argv)
+    args.device = args.device or default_device()
     if args.checkpoint is None and args.mode == "scratch" and args.model:
         weights, name, model_kwargs = None, args.model, args.model_kwargs
     else:
@@ -391,4 +400,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, args=ARGS)

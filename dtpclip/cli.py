@@ -1,4 +1,8 @@
-"""Shared command-line plumbing: argparse with a YAML/JSON `--config` whose keys are the flags."""
+"""Shared command-line plumbing: argparse with a YAML/JSON `--config` whose keys are the flags.
+
+No torch here: every entry point parses its arguments (and answers --help) before the heavy imports
+(`early_args`), so --help and argument errors come at once.
+"""
 import argparse
 import dataclasses
 import json
@@ -10,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import yaml
 
-from dtpclip.registry import list_transforms, parse_kwargs
+from dtpclip.specs import parse_kwargs
 
 
 def status(message: str) -> None:
@@ -130,7 +134,9 @@ def add_transform(parser: argparse.ArgumentParser) -> None:
 
 
 def transform_help() -> str:
-    return "; ".join(f"{t.name}:{','.join(f'{k}={v}' for k, v in t.params.items())}" for t in list_transforms())
+    # text, not the registry's list: --help answers before the encoders are imported
+    return ("NAME:key=value,..., e.g. tome:r=8, lgtm:r=8,dense=2,local=2, ptq:w=4,a=4,qwt=true "
+            "(python -m dtpclip.models --transforms lists them all)")
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
@@ -186,11 +192,19 @@ def measure_and_report(args: argparse.Namespace, measure: Callable, report: Call
 BAD_INPUT = (OSError, ValueError, KeyError, TypeError)
 
 
-def run_main(main: Callable, argv: Optional[Sequence[str]] = None) -> None:
+def early_args(make_arg_parser: Callable[[], argparse.ArgumentParser], module: str) -> Optional[argparse.Namespace]:
+    """An entry module's arguments when it runs as `__main__`, parsed before its heavy imports; else None."""
+    return parse_args(make_arg_parser(), sys.argv[1:]) if module == "__main__" else None
+
+
+def run_main(main: Callable, argv: Optional[Sequence[str]] = None, args: Optional[argparse.Namespace] = None) -> None:
     """Every entry point's `__main__`: bad input exits non-zero with its message, no traceback
-    (DTPCLIP_DEBUG=1 keeps the traceback)."""
+    (DTPCLIP_DEBUG=1 keeps the traceback). `args`: arguments `early_args` already parsed."""
     try:
-        main(sys.argv[1:] if argv is None else argv)
+        if args is not None:
+            main(args=args)
+        else:
+            main(sys.argv[1:] if argv is None else argv)
     except BAD_INPUT as e:
         if os.environ.get("DTPCLIP_DEBUG"):
             raise

@@ -21,16 +21,52 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_VAR = "DTPCLIP_DEMO_DIR"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What to generate; the marker stores it, and a different config regenerates."""
+
+    num_train: int = field(default=20_000, metadata={"help": "train image-caption samples"})
+    num_eval: int = field(default=1_000, metadata={"help": "eval images, class-balanced"})
+    image_size: int = field(default=64, metadata={"help": "pixels per side"})
+    shard_size: int = field(default=2_000, metadata={"help": "samples per shard"})
+    seed: int = field(default=0, metadata={"help": "generation seed"})
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "dtpclip" / "demo")
+
+
+def make_arg_parser() -> argparse.ArgumentParser:
+    defaults = DemoConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m dtpclip.demo_data", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", default=str(default_root()),
+                        help=f"output directory (environment variable {ENV_VAR} sets the default)")
+    for option in dataclasses.fields(DemoConfig):
+        parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, default=getattr(defaults, option.name),
+                            help=option.metadata["help"])
+    return parser
+
+
+# `python -m`: the arguments are parsed here, before the heavy imports below (fast --help)
+ARGS = make_arg_parser().parse_args(sys.argv[1:]) if __name__ == "__main__" else None
+
+import fcntl  # noqa: E402  (after the early parse, as every import below)
 import io
 import json
 import math
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import webdataset as wds
@@ -40,7 +76,6 @@ from dtpclip.cli import status
 from dtpclip.data import export_llava_pretrain
 from dtpclip.evalsets import write_wds_evalset
 
-ENV_VAR = "DTPCLIP_DEMO_DIR"
 GENERATOR_VERSION = 5
 MARKER = "COMPLETE.json"
 
@@ -66,17 +101,6 @@ SIZES = {"small": (0.40, 0.48), "medium": (0.50, 0.60), "large": (0.62, 0.76)}  
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "noisy", "gradient")
 CENTRE_JITTER = 0.25  # the shape's centre moves by at most this share of the room it has
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges at 64 px
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What to generate; the marker stores it, and a different config regenerates."""
-
-    num_train: int = field(default=20_000, metadata={"help": "train image-caption samples"})
-    num_eval: int = field(default=1_000, metadata={"help": "eval images, class-balanced"})
-    image_size: int = field(default=64, metadata={"help": "pixels per side"})
-    shard_size: int = field(default=2_000, metadata={"help": "samples per shard"})
-    seed: int = field(default=0, metadata={"help": "generation seed"})
 
 
 @dataclass(frozen=True)
@@ -305,10 +329,6 @@ def _eval_samples(config: DemoConfig):
         yield _encode(image, "webp"), "webp", label
 
 
-def default_root() -> Path:
-    return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "dtpclip" / "demo")
-
-
 def _paths(root: Path, train_names: list[str]) -> DemoPaths:
     first, last = train_names[0][:-4], train_names[-1][:-4]
     spec = root / "train" / (f"{{{first}..{last}}}.tar" if first != last else f"{first}.tar")
@@ -348,17 +368,8 @@ def ensure_demo_data(root: str | os.PathLike | None = None, config: DemoConfig =
     return _paths(root, train_names)
 
 
-def main(argv: list[str] | None = None) -> None:
-    defaults = DemoConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m dtpclip.demo_data", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", default=str(default_root()),
-                        help=f"output directory (environment variable {ENV_VAR} sets the default)")
-    for option in dataclasses.fields(DemoConfig):
-        parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, default=getattr(defaults, option.name),
-                            help=option.metadata["help"])
-    args = vars(parser.parse_args(argv))
+def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> None:
+    args = vars(args or make_arg_parser().parse_args(argv))
     root = args.pop("root")
     start = time.perf_counter()
     paths = ensure_demo_data(root, DemoConfig(**args))
@@ -368,4 +379,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LOGIT_LOSSES = ("logit", "dkd")
-FEATURE_LOSSES = ("cos", "mse")
+from dtpclip.specs import FEATURE_LOSSES, LOGIT_LOSSES
+
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -16,6 +16,11 @@ import torch
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
+def default_device() -> str:
+    """'cuda' when a GPU is there, else 'cpu': the entry points' --device default."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -4,14 +4,28 @@ sizes and settings; `--macs` also builds each listed one and counts its tokens o
     python -m dtpclip.models                          # every name
     python -m dtpclip.models --family dtp --size tiny_patch16_64 --macs
 """
-from typing import List
+from dtpclip.cli import early_args, make_parser, parse_args, run_main
+
+
+def make_arg_parser():
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.models")
+    parser.add_argument("--family", default=None, help="only this family (vit, dtp, tome, lgtm, vq, ...)")
+    parser.add_argument("--size", default=None, help="only this size (tiny_patch16_64, base_patch32_224, ...)")
+    parser.add_argument("--transforms", action="store_true", help="list the training-free transforms instead")
+    parser.add_argument("--macs", action="store_true", help="build each listed encoder: tokens out and GMACs per image")
+    return parser
+
+
+# `python -m`: the arguments are parsed here, before the heavy imports below (fast --help)
+ARGS = early_args(make_arg_parser, __name__)
+
+from typing import List  # noqa: E402  (after the early parse, as every import below)
 
 import torch
 
-from dtpclip.cli import make_parser, parse_args, run_main
 from dtpclip.factory import create_encoder
 from dtpclip.flops import count_macs
-from dtpclip.registry import SIZES, EncoderInfo, list_encoders
+from dtpclip.registry import EncoderInfo, did_you_mean, list_encoders, list_transforms
 
 
 def measure(info: EncoderInfo) -> dict:
@@ -47,20 +61,24 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def main(argv=None) -> List[dict]:
-    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.models")
-    parser.add_argument("--family", default=None, help="only this family (vit, dtp, tome, lgtm, vq, ...)")
-    parser.add_argument("--size", default=None, choices=sorted(SIZES) + ["vit_6_4_32"], help="only this size")
-    parser.add_argument("--macs", action="store_true", help="build each listed encoder: tokens out and GMACs per image")
-    args = parse_args(parser, argv)
-    infos = [i for i in list_encoders(args.family) if args.size in (None, i.size.name)]
-    if args.family and not infos:
+def main(argv=None, args=None) -> List[dict]:
+    args = args or parse_args(make_arg_parser(), argv)
+    if args.transforms:
+        rows = [{"transform": t.name, "example": t.example, "parameters": ", ".join(f"{k}={v}" for k, v in
+                 t.params.items()), "what": t.summary} for t in list_transforms()]
+        print(format_table(rows))
+        return rows
+    if args.family and not list_encoders(args.family):
         families = sorted({i.family for i in list_encoders()})
         raise ValueError(f"no encoder of family {args.family!r}; families: {', '.join(families)}")
+    sizes = {i.size.name for i in list_encoders()}
+    if args.size and args.size not in sizes:
+        raise ValueError(f"no size {args.size!r}{did_you_mean(args.size, sizes)}; sizes: {', '.join(sorted(sizes))}")
+    infos = [i for i in list_encoders(args.family) if args.size in (None, i.size.name)]
     rows = table(infos, args.macs)
     print(format_table(rows))
     return rows
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, args=ARGS)

@@ -4,7 +4,48 @@ What is measured is the visual half of our CLIPs: the registry encoder plus the 
 to the joint embedding (`--embed-dim 0` for the bare encoder). MACs are counted per image on a
 real forward (for DTP: with its actual boundaries, whose ratio is reported beside them).
 """
-import contextlib
+from dtpclip.cli import add_model_kwargs, add_transform, early_args, make_parser, parse_args, run_main
+
+DEFAULT_MODEL = "dtp_vit_base_patch32_224_10x"
+
+
+def make_arg_parser():
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.profile")
+    parser.add_argument("--model", default=None, help=f"registry or open_clip encoder name (None: {DEFAULT_MODEL}; "
+                        "with --pareto: the checkpoint's open_clip name)")
+    parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk (with --pareto: the "
+                        "CLIP the --sweep transforms patch: file, checkpoint dir or run dir)")
+    add_model_kwargs(parser)
+    add_transform(parser)
+    parser.add_argument("--sweep", nargs="+", default=None, metavar="SPEC",
+                        help="transform specs, each applied alone on top of --transform and profiled (with --pareto: "
+                             "evaluated), e.g. tome:r=2 tome:r=4 lgtm:r=4")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (None: the model's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per timed step")
+    parser.add_argument("--embed-dim", type=int, default=None,
+                        help="CLIP projection width (None: the size's CLIP; 0 for the bare encoder)")
+    parser.add_argument("--train", action="store_true", help="also time forward+backward and its memory")
+    parser.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast dtype of the timed steps (MACs do not depend on it)")
+    parser.add_argument("--flops-images", type=int, default=4, help="images the MACs are averaged over")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--calib-data", default=None, help="calibration images of a transform that calibrates "
+                        "(eval-set directory or shards); None: the demo's train shards")
+    parser.add_argument("--pareto", default=None, metavar="DIR",
+                        help="write pareto.json + pareto.png to DIR: zero-shot top-1 vs GMACs of the --sweep on "
+                        "--checkpoint, and of the --points checkpoints")
+    parser.add_argument("--points", nargs="*", default=[],
+                        help="with --pareto: more trained CLIP checkpoints (e.g. DTP-ViT runs), one point each")
+    parser.add_argument("--eval-data", default=None, help="with --pareto: eval set (None: the demo eval set)")
+    return parser
+
+
+# `python -m`: the arguments are parsed here, before the heavy imports below (fast --help)
+ARGS = early_args(make_arg_parser, __name__)
+
+import contextlib  # noqa: E402  (after the early parse, as every import below)
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -15,18 +56,14 @@ import torch
 import torch.nn as nn
 
 from dtpclip.calibration import calibration_batches
-from dtpclip.cli import add_model_kwargs, add_transform, make_parser, parse_args, run_main
 from dtpclip.clip import clip_embed_dim, create_clip_and_transforms
 from dtpclip.evalsets import load_eval_set
 from dtpclip.evaluate import clip_name, demo_eval_dir, registry_name, resolve_model
 from dtpclip.factory import apply_transforms, create_encoder, encoder_transforms
 from dtpclip.flops import count_macs
-from dtpclip.measure import median_time, peak_memory_bytes
+from dtpclip.measure import default_device, median_time, peak_memory_bytes
 from dtpclip.pareto import TRAINED, accuracy_point, transform_sweep, write_pareto
 from dtpclip.registry import encoder_info, parse_transform
-
-
-DEFAULT_MODEL = "dtp_vit_base_patch32_224_10x"
 
 
 class VisualTower(nn.Module):
@@ -181,37 +218,9 @@ def pareto_main(args) -> List[dict]:
     return points
 
 
-def main(argv=None):
-    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.profile")
-    parser.add_argument("--model", default=None, help=f"registry or open_clip encoder name (None: {DEFAULT_MODEL}; "
-                        "with --pareto: the checkpoint's open_clip name)")
-    parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk (with --pareto: the "
-                        "CLIP the --sweep transforms patch: file, checkpoint dir or run dir)")
-    add_model_kwargs(parser)
-    add_transform(parser)
-    parser.add_argument("--sweep", nargs="+", default=None, metavar="SPEC",
-                        help="transform specs, each applied alone on top of --transform and profiled (with --pareto: "
-                             "evaluated), e.g. tome:r=2 tome:r=4 lgtm:r=4")
-    parser.add_argument("--image-size", type=int, default=None, help="input size (None: the model's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per timed step")
-    parser.add_argument("--embed-dim", type=int, default=None,
-                        help="CLIP projection width (None: the size's CLIP; 0 for the bare encoder)")
-    parser.add_argument("--train", action="store_true", help="also time forward+backward and its memory")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="autocast dtype of the timed steps (MACs do not depend on it)")
-    parser.add_argument("--flops-images", type=int, default=4, help="images the MACs are averaged over")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--calib-data", default=None, help="calibration images of a transform that calibrates "
-                        "(eval-set directory or shards); None: the demo's train shards")
-    parser.add_argument("--pareto", default=None, metavar="DIR",
-                        help="write pareto.json + pareto.png to DIR: zero-shot top-1 vs GMACs of the --sweep on "
-                        "--checkpoint, and of the --points checkpoints")
-    parser.add_argument("--points", nargs="*", default=[],
-                        help="with --pareto: more trained CLIP checkpoints (e.g. DTP-ViT runs), one point each")
-    parser.add_argument("--eval-data", default=None, help="with --pareto: eval set (None: the demo eval set)")
-    args = parse_args(parser, argv)
+def main(argv=None, args=None):
+    args = args or parse_args(make_arg_parser(), argv)
+    args.device = args.device or default_device()
     if args.pareto:
         return pareto_main(args)
     name, kwargs = args.model or DEFAULT_MODEL, args.model_kwargs
@@ -234,4 +243,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, args=ARGS)

@@ -15,20 +15,53 @@ without a CLIP (e.g. vit_6_4_32 from classify) is quantized on its own. `--trans
 Calibration data: an eval-set directory (CLIP_benchmark wds or ImageFolder) or a webdataset shard
 spec (dtpclip.data: brace pattern, list file); see `dtpclip.calibration`.
 """
-import json
+from dtpclip.cli import add_model_kwargs, add_transform, early_args, make_parser, parse_args, run_main
+
+
+def make_arg_parser():
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.quantize")
+    parser.add_argument("--model", default=None,
+                        help="our open_clip or registry name; None: the checkpoint's config.json")
+    parser.add_argument("--checkpoint", default=None, help="CLIP / encoder checkpoint file, checkpoint directory "
+                        "or run directory; None: the latest demo checkpoint")
+    add_model_kwargs(parser)
+    add_transform(parser)
+    parser.add_argument("--w-bits", type=int, default=4, help="weight bits (per output channel)")
+    parser.add_argument("--a-bits", type=int, default=4,
+                        help="activation bits (log-sqrt(2) for attention probabilities)")
+    parser.add_argument("--qwt", action="store_true", help="add QwT linear compensation per block")
+    parser.add_argument("--calib-data", default=None,
+                        help="eval-set directory or train shard spec; None: the demo's train shards")
+    parser.add_argument("--calib-split", default="test", help="split folder of an eval-set --calib-data")
+    parser.add_argument("--calib-images", type=int, default=32, help="calibration images")
+    parser.add_argument("--batch-size", type=int, default=16, help="calibration images per forward")
+    parser.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="which calibration images are picked")
+    parser.add_argument("--eval-data", default=None,
+                        help="zero-shot eval set of the quantized CLIP ('none': skip); None: the demo eval set when "
+                             "quantizing the latest demo checkpoint, else skip")
+    parser.add_argument("--out", default=None,
+                        help="output checkpoint directory (must not hold a checkpoint yet); None: "
+                             "quantized_w<W>a<A>[_qwt]_<source> (default_out)")
+    return parser
+
+
+# `python -m`: the arguments are parsed here, before the heavy imports below (fast --help)
+ARGS = early_args(make_arg_parser, __name__)
+
+import json  # noqa: E402  (after the early parse, as every import below)
 import time
 from pathlib import Path
 
 import open_clip
-import torch
 
 from dtpclip.calibration import calibration_batches, default_calibration_source
 from dtpclip.checkpoint import WEIGHTS_FILE, save_checkpoint_dir
-from dtpclip.cli import add_model_kwargs, add_transform, make_parser, parse_args, run_main
 from dtpclip.clip import create_clip_and_transforms
 from dtpclip.encoders.quant import quant_config
 from dtpclip.evaluate import demo_eval_dir, resolve_model
 from dtpclip.factory import apply_transforms, create_encoder, encoder_transforms
+from dtpclip.measure import default_device
 from dtpclip.registry import encoder_info
 from dtpclip.zeroshot import run_zero_shot
 
@@ -53,36 +86,9 @@ def default_out(weights: Path, tag: str) -> Path:
     return weights.parent / f"{tag}_{weights.stem}"
 
 
-def make_arg_parser():
-    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.quantize")
-    parser.add_argument("--model", default=None,
-                        help="our open_clip or registry name; None: the checkpoint's config.json")
-    parser.add_argument("--checkpoint", default=None, help="CLIP / encoder checkpoint file, checkpoint directory "
-                        "or run directory; None: the latest demo checkpoint")
-    add_model_kwargs(parser)
-    add_transform(parser)
-    parser.add_argument("--w-bits", type=int, default=4, help="weight bits (per output channel)")
-    parser.add_argument("--a-bits", type=int, default=4,
-                        help="activation bits (log-sqrt(2) for attention probabilities)")
-    parser.add_argument("--qwt", action="store_true", help="add QwT linear compensation per block")
-    parser.add_argument("--calib-data", default=None,
-                        help="eval-set directory or train shard spec; None: the demo's train shards")
-    parser.add_argument("--calib-split", default="test", help="split folder of an eval-set --calib-data")
-    parser.add_argument("--calib-images", type=int, default=32, help="calibration images")
-    parser.add_argument("--batch-size", type=int, default=16, help="calibration images per forward")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--seed", type=int, default=0, help="which calibration images are picked")
-    parser.add_argument("--eval-data", default=None,
-                        help="zero-shot eval set of the quantized CLIP ('none': skip); None: the demo eval set when "
-                             "quantizing the latest demo checkpoint, else skip")
-    parser.add_argument("--out", default=None,
-                        help="output checkpoint directory (must not hold a checkpoint yet); None: "
-                             "quantized_w<W>a<A>[_qwt]_<source> (default_out)")
-    return parser
-
-
-def main(argv=None) -> dict:
-    args = parse_args(make_arg_parser(), argv)
+def main(argv=None, args=None) -> dict:
+    args = args or parse_args(make_arg_parser(), argv)
+    args.device = args.device or default_device()
     source = resolve_model(args.checkpoint, args.model, args.model_kwargs)
     specs = [*source.config.get("transforms", []), *args.transforms,
              f"ptq:w={args.w_bits},a={args.a_bits},qwt={args.qwt}"]
@@ -111,4 +117,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, args=ARGS)

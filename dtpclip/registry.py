@@ -1,11 +1,10 @@
 """The registry: model sizes, registered encoders and training-free transforms, as tables.
 
-The bottom layer: it imports nothing of dtpclip. Every encoder is a timm model (so
+The bottom layer: of dtpclip it imports only the pure-text `specs`. Every encoder is a timm model (so
 `timm.create_model` builds it); a family declares its variants with one `register_family` call in
 its own file under `dtpclip/encoders/`, and a training-free transform (ToMe, PTQ, ...) with one
 `register_transform` call. A size is one row of `SIZES`: every family is built at every size.
 """
-import ast
 import difflib
 import functools
 import re
@@ -16,6 +15,8 @@ import timm
 import torch
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from dtpclip.specs import parse_kwargs
 
 
 @dataclass(frozen=True)
@@ -227,29 +228,6 @@ def register_transform(name: str, apply: Callable, params: Dict[str, object], ap
 
 def list_transforms() -> List[TransformInfo]:
     return sorted(_TRANSFORMS.values(), key=lambda t: t.name)
-
-
-def parse_value(text: str):
-    """A command-line value as timm's --model-kwargs reads it (a Python literal, else the string);
-    'true' / 'false' / 'none' also read as bool / None."""
-    lowered = {"true": True, "false": False, "none": None, "null": None}
-    if text.lower() in lowered:
-        return lowered[text.lower()]
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_kwargs(items: Iterable[str], what: str = "--model-kwargs") -> dict:
-    """['compression=0.2', 'pre_layers=3'] -> {'compression': 0.2, 'pre_layers': 3}."""
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what}: expected key=value, got {item!r}")
-        kwargs[key.strip().replace("-", "_")] = parse_value(value.strip())
-    return kwargs
 
 
 @dataclass(frozen=True)

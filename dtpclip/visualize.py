@@ -12,7 +12,25 @@ image and method:
         --images a.jpg b.jpg --out vis/
     python -m dtpclip.visualize --model plain_vit_base_patch16_224 --transform tome:r=13 --images a.jpg --out vis/
 """
-from pathlib import Path
+from dtpclip.cli import add_model_kwargs, add_transform, early_args, make_parser, parse_args, run_main
+
+
+def make_arg_parser():
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.visualize")
+    parser.add_argument("--model", required=True, help="registry encoder name (dtp_vit_*, plain_vit_*, ...)")
+    parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk")
+    add_model_kwargs(parser)
+    add_transform(parser)
+    parser.add_argument("--images", nargs="+", required=True, help="image files")
+    parser.add_argument("--out", required=True, help="output folder for the PNGs")
+    parser.add_argument("--display-size", type=int, default=448, help="PNG panel height (nearest upscaling)")
+    return parser
+
+
+# `python -m`: the arguments are parsed here, before the heavy imports below (fast --help)
+ARGS = early_args(make_arg_parser, __name__)
+
+from pathlib import Path  # noqa: E402  (after the early parse, as every import below)
 from typing import List, Sequence
 
 import numpy as np
@@ -20,7 +38,6 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from dtpclip.cli import add_model_kwargs, add_transform, make_parser, parse_args, run_main
 from dtpclip.factory import apply_transforms, create_encoder
 from dtpclip.registry import encoder_info, parse_transform
 
@@ -127,16 +144,8 @@ def render(model: torch.nn.Module, paths: Sequence[str], out_dir, transforms: Se
     return written
 
 
-def main(argv=None) -> List[Path]:
-    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.visualize")
-    parser.add_argument("--model", required=True, help="registry encoder name (dtp_vit_*, plain_vit_*, ...)")
-    parser.add_argument("--checkpoint", default=None, help="CLIP or encoder weights on disk")
-    add_model_kwargs(parser)
-    add_transform(parser)
-    parser.add_argument("--images", nargs="+", required=True, help="image files")
-    parser.add_argument("--out", required=True, help="output folder for the PNGs")
-    parser.add_argument("--display-size", type=int, default=448, help="PNG panel height (nearest upscaling)")
-    args = parse_args(parser, argv)
+def main(argv=None, args=None) -> List[Path]:
+    args = args or parse_args(make_arg_parser(), argv)
     for spec in args.transforms:
         parse_transform(spec)  # a bad spec fails before the model is built
     model = create_encoder(args.model, checkpoint=args.checkpoint, **args.model_kwargs)
@@ -147,4 +156,4 @@ def main(argv=None) -> List[Path]:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, args=ARGS)

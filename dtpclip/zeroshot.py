@@ -12,9 +12,41 @@ Reported: top-1, top-5 and mean per-class recall (dtpclip.evaluate).
 Eval sets are CLIP_benchmark wds or ImageFolder directories (dtpclip.evalsets); ImageNet class
 names and the OpenAI templates come with open_clip, offline.
 """
-import contextlib
-import json
 import os
+
+from dtpclip.cli import add_model_kwargs, add_transform, early_args, make_parser, parse_args, run_main
+
+
+def make_arg_parser():
+    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.zeroshot")
+    parser.add_argument("--model", default=None,
+                        help="our open_clip name, e.g. DTP-ViT-B-32-10x; None: the checkpoint's config.json")
+    parser.add_argument("--checkpoint", default=None,
+                        help="open_clip checkpoint file (.safetensors/.pt/.bin), dtpclip checkpoint directory or "
+                             "run directory; None: the latest demo checkpoint")
+    add_model_kwargs(parser)
+    add_transform(parser)
+    parser.add_argument("--calib-data", default=None, help="calibration images of a --transform that calibrates "
+                        "(eval-set directory or shards); None: the demo's train shards")
+    parser.add_argument("--data", default=None, help="eval set directory, wds or ImageFolder; None: the demo's")
+    parser.add_argument("--split", default="test", help="split folder of the eval set (root itself if absent)")
+    parser.add_argument("--classnames", default=None,
+                        help="'imagenet' or a file, one name per line in label order; None: the eval set's")
+    parser.add_argument("--templates", default=None,
+                        help="'openai', 'simple' or a file, one prompt per line with {c}; None: the eval set's "
+                             "zeroshot_classification_templates.txt, else 'a photo of a {c}.'")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    parser.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
+    parser.add_argument("--output", default=None, help="write the result as JSON to this file")
+    return parser
+
+
+# `python -m`: the arguments are parsed here, before the heavy imports below (fast --help)
+ARGS = early_args(make_arg_parser, __name__)
+
+import contextlib  # noqa: E402  (after the early parse, as every import below)
+import json
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
@@ -29,11 +61,11 @@ from tqdm import tqdm
 
 from dtpclip.calibration import calibration_batches
 from dtpclip.checkpoint import write_json
-from dtpclip.cli import add_model_kwargs, add_transform, make_parser, parse_args, run_main
 from dtpclip.clip import create_clip_and_transforms, encode_image
 from dtpclip.evalsets import EvalSet, load_eval_set
 from dtpclip.evaluate import ClassificationMeter, clip_name, demo_eval_dir, resolve_model
 from dtpclip.factory import apply_transforms
+from dtpclip.measure import default_device
 
 Template = Union[str, Callable[[str], str]]
 CLASSNAME_SETS = {"imagenet": IMAGENET_CLASSNAMES}
@@ -163,33 +195,9 @@ def run_zero_shot(model: torch.nn.Module, tokenizer: Callable, data: Union[str, 
     return result
 
 
-def make_arg_parser():
-    parser = make_parser(__doc__.splitlines()[0], "python -m dtpclip.zeroshot")
-    parser.add_argument("--model", default=None,
-                        help="our open_clip name, e.g. DTP-ViT-B-32-10x; None: the checkpoint's config.json")
-    parser.add_argument("--checkpoint", default=None,
-                        help="open_clip checkpoint file (.safetensors/.pt/.bin), dtpclip checkpoint directory or "
-                             "run directory; None: the latest demo checkpoint")
-    add_model_kwargs(parser)
-    add_transform(parser)
-    parser.add_argument("--calib-data", default=None, help="calibration images of a --transform that calibrates "
-                        "(eval-set directory or shards); None: the demo's train shards")
-    parser.add_argument("--data", default=None, help="eval set directory, wds or ImageFolder; None: the demo's")
-    parser.add_argument("--split", default="test", help="split folder of the eval set (root itself if absent)")
-    parser.add_argument("--classnames", default=None,
-                        help="'imagenet' or a file, one name per line in label order; None: the eval set's")
-    parser.add_argument("--templates", default=None,
-                        help="'openai', 'simple' or a file, one prompt per line with {c}; None: the eval set's "
-                             "zeroshot_classification_templates.txt, else 'a photo of a {c}.'")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--output", default=None, help="write the result as JSON to this file")
-    return parser
-
-
-def main(argv=None) -> dict:
-    args = parse_args(make_arg_parser(), argv)
+def main(argv=None, args=None) -> dict:
+    args = args or parse_args(make_arg_parser(), argv)
+    args.device = args.device or default_device()
     source = resolve_model(args.checkpoint, args.model, args.model_kwargs)
     name = clip_name(source.name)
     data = Path(args.data).expanduser() if args.data else demo_eval_dir()
@@ -214,4 +222,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, args=ARGS)

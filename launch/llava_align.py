@@ -7,13 +7,16 @@ launch/configs/zero3.json` for ZeRO-3; `--config run.yaml` takes the same keys a
 Also runs as `python launch/llava_align.py` (a world of one) and under torchrun.
 """
 import logging
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `deepspeed launch/...` from a checkout
-
+os.environ["DTPCLIP_DEFER_IMPORTS"] = "1"  # parse before the heavy imports: --help and argument errors at once
 from dtpclip.cli import add_dataclass_arguments, dataclass_from_args, make_parser, parse_args, run_main  # noqa: E402
-from llava_bridge.align import AlignConfig, train  # noqa: E402
+from llava_bridge.align_config import AlignConfig  # noqa: E402
+
+del os.environ["DTPCLIP_DEFER_IMPORTS"]
 
 
 def main(argv=None):
@@ -21,9 +24,11 @@ def main(argv=None):
     add_dataclass_arguments(parser, AlignConfig)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                         help="set by the deepspeed launcher (the rank is read from LOCAL_RANK)")
-    args = parse_args(parser, argv)
+    cfg = dataclass_from_args(AlignConfig, parse_args(parser, argv))
+    from llava_bridge.align import train  # the heavy part, after the arguments are known good
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return train(dataclass_from_args(AlignConfig, args))
+    return train(cfg)
 
 
 if __name__ == "__main__":

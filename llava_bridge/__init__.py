@@ -1,1 +1,4 @@
-"""Stage 2 of the pipeline: a registry encoder, a projector and a Hugging Face causal LM."""
+"""Stage 2: a registry vision encoder, a projector and a causal LM, trained with DeepSpeed (LLaVA-style)."""
+# dtpclip first: while `python -m llava_bridge.<command>` imports this package, dtpclip defers its heavy
+# imports (see dtpclip/__init__), so the command parses its arguments, and answers --help, at once.
+import dtpclip  # noqa: F401

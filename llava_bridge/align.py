@@ -21,7 +21,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -33,16 +33,14 @@ from tqdm import tqdm
 
 from dtpclip import checkpointing
 from dtpclip.checkpoint import load_checked, read_state_dict
-from dtpclip.cli import check_config, status
+from dtpclip.cli import status
 from dtpclip.measure import peak_resident_bytes
 from llava_bridge import build
-from llava_bridge.conversation import IGNORE_INDEX, TEMPLATES, get_template
+from llava_bridge.align_config import STAGES, AlignConfig
+from llava_bridge.conversation import IGNORE_INDEX, get_template
 from llava_bridge.data import LlavaCollator, LlavaJsonDataset
-from llava_bridge.model import SELECT_FEATURES, LlavaModel
-from llava_bridge.projector import PROJECTORS
+from llava_bridge.model import LlavaModel
 
-STAGES = {"pretrain": dict(lr=1e-3, template="plain"), "finetune": dict(lr=2e-5, template="vicuna_v1")}
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
 
 
 def _default_run_dir(cfg: "AlignConfig") -> str:
@@ -50,57 +48,6 @@ def _default_run_dir(cfg: "AlignConfig") -> str:
     name = [cfg.name or checkpointing.run_name(f"llava-{cfg.stage}-{cfg.encoder}")]
     dist.broadcast_object_list(name, src=0)
     return str(checkpointing.runs_root() / name[0])
-
-
-@dataclass
-class AlignConfig:
-    stage: str = field(default="pretrain", metadata={"help": "pretrain: projector only; finetune: projector + LM",
-                                                     "choices": tuple(STAGES)})
-    data_path: Optional[str] = field(default=None, metadata={"help": "LLaVA json (default: the demo's)"})
-    image_folder: Optional[str] = field(default=None, metadata={"help": "image root (default: the demo's)"})
-    encoder: str = field(default="dtp_vit_tiny_patch16_64_4x", metadata={"help": "registry encoder"})
-    encoder_checkpoint: Optional[str] = field(default="demo", metadata={
-        "help": "CLIP checkpoint for the tower; 'demo': the latest demo CLIP run (fresh with a warning if none); "
-                "'none': fresh"})
-    model_kwargs: dict = field(default_factory=dict, metadata={
-        "help": "encoder constructor kwargs, e.g. compression=0.2 (the encoder checkpoint's own come first)",
-        "kwargs": True})
-    transforms: list = field(default_factory=list, metadata={
-        "help": "training-free transforms of the tower, in order", "transforms": True})
-    select_layer: int = field(default=-1, metadata={"help": "-1: encode() output; -k: plain ViT hidden state"})
-    select_feature: str = field(default="patch", metadata={"help": "drop or keep CLS", "choices": SELECT_FEATURES})
-    projector: str = field(default="mlp2x_gelu", metadata={"help": "projector kind", "choices": PROJECTORS})
-    pretrain_projector: Optional[str] = field(default=None, metadata={
-        "help": "finetune: stage-1 output directory (or projector.safetensors) to start from"})
-    lm: Optional[str] = field(default=None, metadata={"help": "local LM directory (default: the demo's tiny Llama)"})
-    template: Optional[str] = field(default=None, metadata={"help": "default: plain (pretrain), vicuna_v1 (finetune)",
-                                                            "choices": tuple(TEMPLATES)})
-    deepspeed_config: str = field(default=str(CONFIG_DIR / "zero2.json"), metadata={"help": "zero2/zero3 json"})
-    batch_size: int = field(default=32, metadata={"help": "micro batch per rank", "min": 1})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps", "min": 1})
-    lr: Optional[float] = field(default=None, metadata={"help": "default: 1e-3 (pretrain), 2e-5 (finetune)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warmup share of the steps"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
-    epochs: int = field(default=1, metadata={"help": "passes over the data", "min": 1})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many optimizer steps", "min": 1})
-    max_samples: Optional[int] = field(default=None, metadata={"help": "use the first N records only", "min": 1})
-    max_length: int = field(default=2048, metadata={"help": "LM sequence cut (after splicing)", "min": 1})
-    precision: str = field(default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU",
-                                                     "choices": ("auto", "bf16", "fp32")})
-    seed: int = field(default=0, metadata={"help": "data order and fresh weights"})
-    workers: int = field(default=1, metadata={"help": "data loader processes per rank", "min": 0})
-    log_every: int = field(default=10, metadata={"help": "log every N optimizer steps", "min": 1})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only at the end)",
-                                                 "min": 0})
-    name: Optional[str] = field(default=None, metadata={
-        "help": "run name: the run directory is <runs root>/<name> (runs root: $DTPCLIP_RUNS_DIR or "
-                "~/.cache/dtpclip/runs); default: llava-<stage>-<encoder>-<time>"})
-    run_dir: Optional[str] = field(default=None, metadata={"help": "the run directory itself; overrides --name"})
-    resume: Optional[str] = field(default="auto", metadata={"help": "'auto', a checkpoint path, or 'none'"})
-
-    def __post_init__(self):
-        check_config(self)
 
 
 WORLD_OF_ONE = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

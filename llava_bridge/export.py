@@ -7,11 +7,23 @@ The directory holds config.json (auto_map to the copied hf_model.py), model.safe
 tokenizer. Input ids carry IMAGE_TOKEN_INDEX (-200) placeholders (llava_bridge.conversation),
 pixel_values one image per placeholder.
 """
-import os
+from dtpclip.cli import early_args, make_parser, parse_args, run_main
+
+
+def make_arg_parser():
+    parser = make_parser(__doc__.splitlines()[0], "python -m llava_bridge.export")
+    parser.add_argument("--checkpoint", required=True, help="a llava_align run directory or its final/")
+    parser.add_argument("--out", required=True, help="export directory (must not exist yet, or be empty)")
+    return parser
+
+
+# `python -m`: the arguments are parsed here, before the heavy imports below (fast --help)
+ARGS = early_args(make_arg_parser, __name__)
+
+import os  # noqa: E402  (after the early parse, as every import below)
 import shutil
 from pathlib import Path
 
-from dtpclip.cli import make_parser, parse_args, run_main
 from llava_bridge.hf_model import DtpLlavaConfig, DtpLlavaForConditionalGeneration
 
 
@@ -41,12 +53,9 @@ def export_hf(model, tokenizer, config: dict, out_dir) -> Path:
     return final
 
 
-def main(argv=None) -> Path:
+def main(argv=None, args=None) -> Path:
     from llava_bridge.build import load_trained
-    parser = make_parser(__doc__.splitlines()[0], "python -m llava_bridge.export")
-    parser.add_argument("--checkpoint", required=True, help="a llava_align run directory or its final/")
-    parser.add_argument("--out", required=True, help="export directory")
-    args = parse_args(parser, argv)
+    args = args or parse_args(make_arg_parser(), argv)
     model, tokenizer, _, config = load_trained(args.checkpoint)
     out = export_hf(model, tokenizer, config, args.out)
     print(f"exported to {out}")
@@ -54,4 +63,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, args=ARGS)

@@ -5,12 +5,26 @@
 The prompt is put in the model's template ('plain' models see only the image, as in LLaVA's
 stage 1; 'vicuna_v1' ones the system text, `USER: <image>\\nprompt ASSISTANT:`).
 """
-from pathlib import Path
+from dtpclip.cli import early_args, make_parser, parse_args, run_main
+
+
+def make_arg_parser():
+    parser = make_parser(__doc__.splitlines()[0], "python -m llava_bridge.generate")
+    parser.add_argument("--checkpoint", required=True, help="a llava_align run directory or its final/")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--prompt", default="Describe the image concisely.", help="the question")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="generation length cap")
+    return parser
+
+
+# `python -m`: the arguments are parsed here, before the heavy imports below (fast --help)
+ARGS = early_args(make_arg_parser, __name__)
+
+from pathlib import Path  # noqa: E402  (after the early parse, as every import below)
 
 import torch
 from PIL import Image
 
-from dtpclip.cli import make_parser, parse_args, run_main
 from llava_bridge.build import image_transform, load_trained
 from llava_bridge.conversation import IMAGE_TOKEN, generation_prompt, tokenize_with_image
 
@@ -29,13 +43,8 @@ def generate(checkpoint, image_path, prompt: str, max_new_tokens: int = 32) -> s
     return tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
 
-def main(argv=None) -> str:
-    parser = make_parser(__doc__.splitlines()[0], "python -m llava_bridge.generate")
-    parser.add_argument("--checkpoint", required=True, help="a llava_align run directory or its final/")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--prompt", default="Describe the image concisely.", help="the question")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="generation length cap")
-    args = parse_args(parser, argv)
+def main(argv=None, args=None) -> str:
+    args = args or parse_args(make_arg_parser(), argv)
     torch.set_num_threads(1)
     answer = generate(args.checkpoint, args.image, args.prompt, args.max_new_tokens)
     print(answer)
@@ -43,4 +52,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, args=ARGS)

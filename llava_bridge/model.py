@@ -12,10 +12,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from llava_bridge.align_config import SELECT_FEATURES
 from llava_bridge.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_bridge.projector import build_projector
 
-SELECT_FEATURES = ("patch", "cls_patch")
 
 
 class VisionTower(nn.Module):

@@ -2,7 +2,7 @@
 llava/model/multimodal_projector/builder.py): `linear` (LLaVA 1.0) and `mlp2x_gelu` (LLaVA 1.5)."""
 import torch.nn as nn
 
-PROJECTORS = ("mlp2x_gelu", "linear")
+from llava_bridge.align_config import PROJECTORS
 
 
 def build_projector(kind: str, vision_dim: int, lm_dim: int) -> nn.Module:

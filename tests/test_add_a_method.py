@@ -14,7 +14,7 @@ import torch
 import dtpclip
 from dtpclip import profile, zeroshot
 from dtpclip.training import TrainConfig, train
-from llava_bridge.align import AlignConfig
+from llava_bridge.align_config import AlignConfig
 from llava_bridge.align import train as align_train
 
 ROOT = Path(__file__).resolve().parents[1]

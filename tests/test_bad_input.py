@@ -159,3 +159,20 @@ def test_an_empty_batch_is_named():
     model = timm.create_model("dtp_vit_tiny_patch8_64", embed_dim=32, depth=4, num_heads=2).eval()
     with pytest.raises(ValueError, match=r"empty batch \(0 images\)"):
         model.encode(torch.empty(0, 3, 64, 64))
+
+
+ENTRY_POINTS = [["-m", m] for m in ("dtpclip.zeroshot", "dtpclip.classify", "dtpclip.profile", "dtpclip.quantize",
+                                     "dtpclip.visualize", "dtpclip.models", "dtpclip.demo_data",
+                                     "llava_bridge.generate", "llava_bridge.export")] + \
+               [[str(Path(__file__).resolve().parents[1] / "launch" / f)] for f in ("clip_pretrain.py", "llava_align.py")]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=[e[-1].rsplit("/", 1)[-1] for e in ENTRY_POINTS])
+def test_help_and_argument_errors_come_before_torch_is_imported(entry):
+    """--help (and a bad argument) are answered before the heavy imports: torch is never imported."""
+    import subprocess
+    for flag, code in (("--help", 0), ("--no-such-flag", 2)):
+        done = subprocess.run([sys.executable, "-X", "importtime", *entry, flag], capture_output=True, text=True)
+        assert done.returncode == code, done.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+        assert "torch" not in imported and "usage:" in done.stdout + done.stderr

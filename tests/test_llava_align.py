@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from llava_bridge import align
-from llava_bridge.align import AlignConfig, deepspeed_config, train
+from llava_bridge.align import deepspeed_config, train
+from llava_bridge.align_config import AlignConfig
 from llava_bridge.build import load_trained
 from llava_bridge.generate import generate
 

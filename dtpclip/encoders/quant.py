@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from dtpclip.encoders.attention import hook_attention
+from dtpclip.specs import QUANT_SCOPES
 from dtpclip.encoders.vit import find_vit
 
-SCOPES = ("linear", "linear+attn")
 
 
 def round_pass(x: torch.Tensor) -> torch.Tensor:
@@ -167,8 +167,8 @@ def quantize_model(model: nn.Module, w_bits: Optional[int], a_bits: Optional[int
     step sizes are parameters (train them with the rest); they initialise on the first forward, so
     run one batch of real data before evaluating an untrained model.
     """
-    if scope not in SCOPES:
-        raise ValueError(f"quantization scope must be one of {SCOPES}, got {scope!r}")
+    if scope not in QUANT_SCOPES:
+        raise ValueError(f"quantization scope must be one of {QUANT_SCOPES}, got {scope!r}")
     if w_bits is None and a_bits is None:
         raise ValueError("quantize_model needs w_bits or a_bits (or both)")
     for bits, what in ((w_bits, "weight bits (--w-bits)"), (a_bits, "activation bits (--a-bits)")):
