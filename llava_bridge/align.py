@@ -36,7 +36,7 @@ from dtpclip.checkpoint import load_checked, read_state_dict
 from dtpclip.cli import status
 from dtpclip.measure import peak_resident_bytes
 from llava_bridge import build
-from llava_bridge.align_config import STAGES, AlignConfig
+from llava_bridge.align_config import DEMO_ENCODER, STAGES, AlignConfig
 from llava_bridge.conversation import IGNORE_INDEX, get_template
 from llava_bridge.data import LlavaCollator, LlavaJsonDataset
 from llava_bridge.model import LlavaModel
@@ -122,6 +122,9 @@ def token_loss(logits, labels, world: int):
 
 def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
     from dtpclip.demo_data import ensure_demo_data
+    cfg.encoder_checkpoint = build.resolve_encoder_checkpoint(cfg.encoder_checkpoint)
+    cfg.encoder = cfg.encoder or build.checkpoint_encoder(cfg.encoder_checkpoint) or DEMO_ENCODER
+    cfg.model_kwargs = build.encoder_kwargs(cfg.encoder_checkpoint, cfg.model_kwargs)
     cfg.run_dir = cfg.run_dir or _default_run_dir(cfg)
     if cfg.data_path is None:
         demo = ensure_demo_data()
@@ -133,8 +136,6 @@ def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
         cfg.lm = str(ensure_demo_lm(llava_json=cfg.data_path))
     cfg.lr = STAGES[cfg.stage]["lr"] if cfg.lr is None else cfg.lr
     cfg.template = cfg.template or STAGES[cfg.stage]["template"]
-    cfg.encoder_checkpoint = build.resolve_encoder_checkpoint(cfg.encoder_checkpoint)
-    cfg.model_kwargs = build.encoder_kwargs(cfg.encoder_checkpoint, cfg.model_kwargs)
     return cfg
 
 

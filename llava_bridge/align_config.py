@@ -10,7 +10,8 @@ STAGES = {"pretrain": dict(lr=1e-3, template="plain"), "finetune": dict(lr=2e-5,
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
 SELECT_FEATURES = ("patch", "cls_patch")  # LLaVA's mm_vision_select_feature: drop the CLS token, or keep it
 PROJECTORS = ("mlp2x_gelu", "linear")
-TEMPLATE_NAMES = ("plain", "vicuna_v1")  # llava_bridge.conversation.TEMPLATES holds them
+TEMPLATE_NAMES = ("plain", "vicuna_v1")
+DEMO_ENCODER = "dtp_vit_tiny_patch16_64_4x"  # the demo CLIP's tower  # llava_bridge.conversation.TEMPLATES holds them
 
 
 @dataclass
@@ -19,7 +20,8 @@ class AlignConfig:
                                                      "choices": tuple(STAGES)})
     data_path: Optional[str] = field(default=None, metadata={"help": "LLaVA json (default: the demo's)"})
     image_folder: Optional[str] = field(default=None, metadata={"help": "image root (default: the demo's)"})
-    encoder: str = field(default="dtp_vit_tiny_patch16_64_4x", metadata={"help": "registry encoder"})
+    encoder: Optional[str] = field(default=None, metadata={
+        "help": f"registry encoder; None: the encoder checkpoint's model, else {DEMO_ENCODER}"})
     encoder_checkpoint: Optional[str] = field(default="demo", metadata={
         "help": "CLIP checkpoint for the tower; 'demo': the latest demo CLIP run (fresh with a warning if none); "
                 "'none': fresh"})

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dtpclip.checkpoint import checkpoint_config, load_checked, resolve_checkpoint
 from dtpclip.encoders.quant import quant_config
+from dtpclip.evaluate import registry_name
 from dtpclip.factory import apply_transforms, create_encoder, restore_structure
 from dtpclip.registry import parse_transform, transform_info
 from llava_bridge.conversation import Template, get_template
@@ -51,6 +52,12 @@ def tower_structure(tower: VisionTower, checkpoint: Optional[str], transforms: S
     quantized structure), so a trained directory rebuilds it from its own files (`restore_structure`)."""
     saved = checkpoint_config(resolve_checkpoint(checkpoint)[0]) if checkpoint else {}
     return {"transforms": [*saved.get("transforms", []), *transforms], "quantization": quant_config(tower.encoder)}
+
+
+def checkpoint_encoder(checkpoint: Optional[str]) -> Optional[str]:
+    """The registry encoder a CLIP checkpoint's config names (None without a checkpoint or a name)."""
+    saved = checkpoint_config(resolve_checkpoint(checkpoint)[0]).get("model") if checkpoint else None
+    return registry_name(saved) if saved else None
 
 
 def encoder_kwargs(checkpoint: Optional[str], model_kwargs: dict) -> dict:
