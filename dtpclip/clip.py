@@ -82,7 +82,8 @@ def _swap_trunk(model: torch.nn.Module, model_kwargs: dict) -> None:
     visual = model.visual
     trunk = timm.create_model(visual.trunk.pretrained_cfg["architecture"], **model_kwargs)
     trunk.reset_classifier(0)
-    visual.trunk = trunk.to(next(visual.head.parameters()).device)
+    head = next(visual.head.parameters())
+    visual.trunk = trunk.to(device=head.device, dtype=head.dtype)
     image_size = trunk.patch_embed.img_size
     visual.image_size = tuple(image_size)
     visual.preprocess_cfg = {**visual.preprocess_cfg, "size": tuple(image_size)}
