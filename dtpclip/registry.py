@@ -119,14 +119,16 @@ Variants = Union[Mapping[str, dict], Callable[[Size], Mapping[str, dict]]]
 
 def register_family(family: str, model_cls: Callable, name: str, clip_name: Optional[str] = None,
                     variants: Variants = None, sizes: Optional[Iterable[Size]] = None,
-                    pretrained_filter_fn: Optional[Callable] = None) -> List[EncoderInfo]:
+                    pretrained_filter_fn: Optional[Callable] = None,
+                    feature_cfg: Optional[dict] = None) -> List[EncoderInfo]:
     """Register a family's variants with timm (and, through `dtpclip.clip`, with open_clip); one call per family.
 
     model_cls: a timm VisionTransformer subclass (or any callable taking its kwargs) that keeps the
         encoder contract. name / clip_name: templates with {size} and {tag}; a variant key other
         than '' is appended ('_' + key to the name, '-' + key to the open_clip name).
     variants: {key: constructor kwargs} (default {'': {}}), or a function of the size giving them.
-    sizes: default every row of SIZES. pretrained_filter_fn: timm's, for loading weights from disk.
+    sizes: default every row of SIZES. pretrained_filter_fn, feature_cfg: timm's (loading weights from
+    disk; `features_only=True`).
     The kwargs of a build are the size's, then the variant's, then the caller's (which may change the
     size's but not contradict the variant's: 'dtp_vit_{size}_4x' with compression=0.2 is an error).
     """
@@ -139,13 +141,13 @@ def register_family(family: str, model_cls: Callable, name: str, clip_name: Opti
             info = EncoderInfo(variant, family, size,
                                clip_name.format(size=size.name, tag=size.tag) + (f"-{key}" if key else "")
                                if has_clip else None)
-            _register_timm(info, model_cls, {**size.vit, **preset}, preset, pretrained_filter_fn)
+            _register_timm(info, model_cls, {**size.vit, **preset}, preset, pretrained_filter_fn, feature_cfg)
             infos.append(info)
     return infos
 
 
 def _register_timm(info: EncoderInfo, model_cls: Callable, preset: dict, variant: dict,
-                   filter_fn: Optional[Callable]) -> None:
+                   filter_fn: Optional[Callable], feature_cfg: Optional[dict]) -> None:
     def entrypoint(pretrained: bool = False, **kwargs):
         clash = {k: v for k, v in kwargs.items() if k in variant and v != variant[k]}
         if clash:  # a named variant is its setting: another value is another name
@@ -153,7 +155,7 @@ def _register_timm(info: EncoderInfo, model_cls: Callable, preset: dict, variant
             hint = f"build {base} with {clash}" if base in _ENCODERS else "choose the variant of that setting"
             raise ValueError(f"{info.name} is the variant {variant}; {clash} contradicts it: {hint}")
         return build_model_with_cfg(model_cls, info.name, pretrained, pretrained_filter_fn=filter_fn,
-                                    **{**preset, **kwargs})
+                                    feature_cfg=dict(feature_cfg or {}), **{**preset, **kwargs})  # timm edits it
 
     entrypoint.__name__ = entrypoint.__qualname__ = info.name
     entrypoint.__module__ = getattr(model_cls, "__module__", __name__)

@@ -126,3 +126,37 @@ def test_profile_counts_macs_and_params(name):
     macs = count_macs(tower.eval(), images_for(model, 2))
     assert macs.total > macs.attention_free > 0 or macs.total == macs.attention_free > 0
     assert dtpclip.encoder_info(name).settings(**TINY) == model.settings()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_timm_feature_api_is_true_or_refused(name):
+    """Per-block features exist where the token set stays the grid (equal to `hidden_tokens`), and are refused
+    where it changes inside the trunk, rather than computed on unpooled tokens."""
+    model = build(name)
+    images = images_for(model, 2)
+    if not model.hidden_layers_readable:
+        with pytest.raises(NotImplementedError, match="changes its token set inside the trunk"):
+            model.forward_intermediates(images)
+        return
+    with torch.no_grad():
+        features = model.forward_intermediates(images, indices=[1], output_fmt="NLC", intermediates_only=True)[0]
+        expected = model.hidden_tokens(images, 2)[:, model.num_prefix_tokens:]
+    assert torch.allclose(features, expected, atol=1e-6)
+    torch.manual_seed(0)
+    maps = timm.create_model(name, **TINY, features_only=True, out_indices=(1,)).eval()(images)
+    assert maps[0].shape == (2, TINY["embed_dim"], *model.patch_embed.grid_size)
+    assert torch.allclose(maps[0].flatten(2).transpose(1, 2), features, atol=1e-6)  # same seed, same weights
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_through_forward_warns_when_the_aux_loss_is_dropped(name):
+    import warnings
+    model = build(name).train()
+    images = images_for(model, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.encode(images)
+        assert not caught
+        model(images)
+    dropped = [w for w in caught if "cannot return its aux_loss" in str(w.message)]
+    assert bool(dropped) == model.has_aux_loss

@@ -106,6 +106,7 @@ class DTPViT(PlainViT):
     """
 
     fresh_parameter_prefixes = ("boundary_predictor.",)
+    has_aux_loss = True  # the boundary loss
     mergeable = False  # it pools its own tokens into variable-length segments
     hidden_layers_readable = False  # the token set changes after `pre_layers`
 
@@ -197,6 +198,7 @@ class DTPViT(PlainViT):
         return EncoderOutput(tokens, token_mask, pooled, self.boundary_predictor.loss(boundaries), stats)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.warn_if_aux_loss_dropped()
         return self.head(self.encode(images).pooled)
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from dtpclip.encoders.vit import PlainViT
+from dtpclip.encoders.vit import VIT_FEATURE_CFG, PlainViT
 from dtpclip.registry import Size, register_family
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -51,4 +51,4 @@ class ViTLite(PlainViT):
 LITE_6_4_32 = Size("vit_6_4_32", "Lite-6-4-32", dict(depth=6, num_heads=4, embed_dim=256, mlp_ratio=2.0, patch_size=4,
                                                      img_size=32),
                    pretrained_cfg=dict(num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD))
-register_family("vit", ViTLite, "{size}", sizes=[LITE_6_4_32])
+register_family("vit", ViTLite, "{size}", sizes=[LITE_6_4_32], feature_cfg=VIT_FEATURE_CFG)

@@ -217,6 +217,7 @@ class VQViT(PlainViT):
     """
 
     mergeable = False  # its blocks are VQ blocks, not timm's
+    has_aux_loss = True  # the FSQ dict loss
     quantizable = False  # its blocks compute attention themselves, past the quantization hooks
 
     def __init__(self, levels: Sequence[int] = DEFAULT_LEVELS, fsq_Tinit: float = -1.0, **kwargs):
