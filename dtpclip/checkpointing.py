@@ -141,9 +141,11 @@ def published(run_dir) -> List[Path]:
     return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir() and p.suffix != ".tmp")
 
 
-def make_room(run_dir, keep: int = KEEP) -> None:
-    """Before staging a new checkpoint: drop all but the newest `keep - 1`, and stale staging directories."""
-    for old in published(run_dir)[: max(len(published(run_dir)) - (keep - 1), 0)]:
+def make_room(run_dir, step: int, keep: int = KEEP) -> None:
+    """Before staging checkpoint `step`: drop all but the newest `keep - 1` others (one replaced in place at
+    the same step does not count, so an older one stays intact meanwhile), and stale staging directories."""
+    others = [p for p in published(run_dir) if p != checkpoint_dir(run_dir, step)]
+    for old in others[: max(len(others) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in (Path(run_dir) / "checkpoints").glob("step_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)

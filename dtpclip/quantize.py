@@ -90,8 +90,7 @@ def main(argv=None, args=None) -> dict:
     args = args or parse_args(make_arg_parser(), argv)
     args.device = args.device or default_device()
     source = resolve_model(args.checkpoint, args.model, args.model_kwargs)
-    specs = [*source.config.get("transforms", []), *args.transforms,
-             f"ptq:w={args.w_bits},a={args.a_bits},qwt={args.qwt}"]
+    new_specs = [*args.transforms, f"ptq:w={args.w_bits},a={args.a_bits},qwt={args.qwt}"]
     calib = args.calib_data or default_calibration_source()
     tag = f"quantized_w{args.w_bits}a{args.a_bits}" + ("_qwt" if args.qwt else "")
     out = args.out or default_out(Path(source.weights), tag)
@@ -99,11 +98,11 @@ def main(argv=None, args=None) -> dict:
     start = time.perf_counter()
     model, encoder, preprocess, saved_as = build_model(source.name, source.weights, source.model_kwargs)
     model.to(args.device).eval()
-    new_specs = specs[len(source.config.get("transforms", [])):]  # the saved ones were restored with the weights
     batches = calibration_batches(new_specs, calib, preprocess, args.calib_images, args.batch_size, args.device,
                                   args.calib_split, args.seed)
     apply_transforms(encoder, new_specs, batches)
-    config = {"model": saved_as, "model_kwargs": source.model_kwargs, "transforms": [str(s) for s in specs],
+    config = {"model": saved_as, "model_kwargs": source.model_kwargs,
+              "transforms": [*source.config.get("transforms", []), *new_specs],  # the saved ones came with the weights
               "quantization": quant_config(encoder), "source_checkpoint": str(source.weights),
               "calib_data": str(calib), "calib_images": sum(len(b) for b in batches)}
     out = save_checkpoint_dir(model, out, config)

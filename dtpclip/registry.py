@@ -88,19 +88,24 @@ class EncoderInfo:
     clip_name: Optional[str] = None
 
     def settings(self, **model_kwargs) -> dict:
-        """The built model's own `settings()` (its efficiency knobs), built on the meta device (no memory)."""
-        return _settings(self.name, tuple(sorted(model_kwargs.items())))
+        """The built model's own `settings()` (its efficiency knobs), built on the meta device (no memory);
+        the registered default is built once, other kwargs (which may be lists) each time."""
+        return dict(_default_settings(self.name)) if not model_kwargs else _settings(self.name, model_kwargs)
 
     @property
     def compression(self) -> Optional[float]:
         return self.settings().get("compression")
 
 
-@functools.lru_cache(maxsize=None)
-def _settings(name: str, model_kwargs: tuple) -> dict:
+def _settings(name: str, model_kwargs: dict) -> dict:
     with torch.device("meta"):
-        model = timm.create_model(name, **dict(model_kwargs))
+        model = timm.create_model(name, **model_kwargs)
     return model.settings() if hasattr(model, "settings") else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _default_settings(name: str) -> dict:
+    return _settings(name, {})
 
 
 _ENCODERS: Dict[str, EncoderInfo] = {}

@@ -16,7 +16,7 @@ import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -116,16 +116,12 @@ RESUME_KEYS = ("model", "model_kwargs", "train_data")  # what a resumed run must
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
-    """--run-dir, else <runs root>/<--name or model-time>, the same on every rank; the latter is marked the
-    runs root's newest run (what the evaluators find with no arguments)."""
+    """--run-dir, else <runs root>/<--name or model-time>, the same on every rank."""
     if cfg.run_dir:
         return Path(cfg.run_dir)
     name = [cfg.name or checkpointing.run_name(cfg.model)]
     broadcast_object_list(name)  # the main process's clock names the run
-    run_dir = checkpointing.runs_root() / name[0]
-    if PartialState().is_main_process:
-        checkpointing.mark_latest_run(run_dir)
-    return run_dir
+    return checkpointing.runs_root() / name[0]
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -184,7 +180,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def save() -> None:
         if accelerator.is_main_process:
-            checkpointing.make_room(run_dir)
+            checkpointing.make_room(run_dir, step)
         accelerator.wait_for_everyone()
         checkpointing.write_rank_part(run_dir, step, accelerator.process_index)
         accelerator.wait_for_everyone()
@@ -193,6 +189,8 @@ def train(cfg: TrainConfig) -> dict:
                              "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
             checkpointing.write_main_part(run_dir, step, clip.state_dict(), trainer_state, config_record)
             checkpointing.publish(run_dir, step)
+            if not cfg.run_dir:  # a run in the runs root with a checkpoint: the evaluators' default from now
+                checkpointing.mark_latest_run(run_dir)
         accelerator.wait_for_everyone()
 
     last, evals, started = {}, [], time.perf_counter()

@@ -207,7 +207,7 @@ def save_final(engine, cfg: AlignConfig, tokenizer, rank: int) -> Optional[Path]
 
 def save_checkpoint(engine, cfg: AlignConfig, step: int, rank: int) -> None:
     if rank == 0:
-        checkpointing.make_room(cfg.run_dir)
+        checkpointing.make_room(cfg.run_dir, step)
     dist.barrier()
     staging = checkpointing.staging_dir(cfg.run_dir, step)
     engine.save_checkpoint(str(staging), tag="engine", exclude_frozen_parameters=True)

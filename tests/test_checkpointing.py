@@ -10,7 +10,7 @@ from dtpclip import checkpointing
 
 
 def save(run_dir, step: int) -> None:
-    checkpointing.make_room(run_dir)
+    checkpointing.make_room(run_dir, step)
     checkpointing.write_rank_part(run_dir, step, 0)
     checkpointing.write_main_part(run_dir, step, {"w": torch.full((2,), float(step))}, {"step": step}, {"model": "x"})
     checkpointing.publish(run_dir, step)
@@ -20,7 +20,9 @@ def test_a_run_keeps_two_checkpoints_and_makes_room_before_staging(tmp_path):
     for step in (3, 6, 9):
         save(tmp_path, step)
     assert [p.name for p in checkpointing.published(tmp_path)] == ["step_00000006", "step_00000009"]
-    checkpointing.make_room(tmp_path)
+    checkpointing.make_room(tmp_path, 9)  # step 9 saved again in place: step 6 stays intact meanwhile
+    assert [p.name for p in checkpointing.published(tmp_path)] == ["step_00000006", "step_00000009"]
+    checkpointing.make_room(tmp_path, 12)
     assert [p.name for p in checkpointing.published(tmp_path)] == ["step_00000009"]  # room for the next one
 
 

@@ -129,7 +129,7 @@ def test_cli_without_arguments_uses_the_demo_checkpoint_and_eval_set(ti_checkpoi
     (ckpt / "model.safetensors").symlink_to(ti_checkpoint)
     (ckpt / "config.json").write_text(json.dumps({"model": "PlainViT-Ti-8-64"}))
     (tmp_path / "runs" / "demo" / "latest").symlink_to(ckpt)
-    checkpointing.mark_latest_run(tmp_path / "runs" / "demo")  # what a training run started there records
+    checkpointing.mark_latest_run(tmp_path / "runs" / "demo")  # what a training run records at its first checkpoint
     demo = tmp_path / "demo_eval"
     write_wds_evalset(demo, ((png(COLOURS[i % 3], i), "png", i % 3) for i in range(30)), ["red", "green", "blue"],
                       ["a {c} image."])

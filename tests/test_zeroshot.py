@@ -202,7 +202,7 @@ def test_cli_without_arguments_uses_latest_demo_checkpoint(tiny_clip, wds_set, t
     (ckpt / "model.safetensors").symlink_to(path)
     (ckpt / "config.json").write_text(json.dumps({"model": "PlainViT-Ti-8-64"}))
     (tmp_path / "runs" / "demo" / "latest").write_text(str(ckpt))
-    checkpointing.mark_latest_run(tmp_path / "runs" / "demo")  # what a training run started there records
+    checkpointing.mark_latest_run(tmp_path / "runs" / "demo")  # what a training run records at its first checkpoint
     monkeypatch.setattr(zeroshot, "demo_eval_dir", lambda: wds_set)
     result = zeroshot.main(["--workers", "0", "--templates", "simple"])
     assert result["checkpoint"] == str(ckpt / "model.safetensors") and result["templates"] == 7
