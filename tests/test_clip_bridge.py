@@ -3,6 +3,7 @@ import open_clip
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -87,6 +88,18 @@ def test_open_clip_builds_our_names_with_encode_reaching_aux_loss():
     model.train()
     features, out = encode_image(model, images)
     assert features.shape == (2, 128) and out.aux_loss > 0 and "boundary_ratio" in out.stats
+
+
+@pytest.mark.parametrize("name", ["DTP-ViT-Ti-8-64-4x", "ToMe-ViT-Ti-8-64-r8"])
+def test_open_clip_forward_intermediates_image_features_equal_encode_image(name):
+    torch.manual_seed(0)
+    model = open_clip.create_model(name).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        result = model.forward_intermediates(image=images, image_indices=2, image_output_fmt="NLC")
+        features, _ = encode_image(model, images)
+    assert torch.allclose(result["image_features"], F.normalize(features, dim=-1), atol=1e-5)  # normalize=True
+    assert len(result["image_intermediates"]) == 2
 
 
 def test_lock_image_tower_and_grad_checkpointing():

@@ -16,12 +16,12 @@ from llava_bridge.model import VisionTower, splice_visual_tokens
 
 
 def contract_names():
-    """The first name of each (family, size) among the sizes of at most 64 pixels: the 224 ones differ in
-    numbers only."""
+    """The last name of each (family, size) among the sizes of at most 64 pixels (the 224 ones differ in numbers
+    only): the last variant, which for the merging families is one that merges."""
     chosen = {}
     for info in dtpclip.list_encoders():
         if info.size.img_size <= 64:
-            chosen.setdefault((info.family, info.size.name), info.name)
+            chosen[(info.family, info.size.name)] = info.name
     return sorted(chosen.values())
 
 
@@ -129,23 +129,39 @@ def test_profile_counts_macs_and_params(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_timm_feature_api_is_true_or_refused(name):
-    """Per-block features exist where the token set stays the grid (equal to `hidden_tokens`), and are refused
-    where it changes inside the trunk, rather than computed on unpooled tokens."""
+def test_timm_feature_api_is_true_to_encode(name):
+    """timm's `forward_intermediates` gives the tokens each block really holds: the final features are `encode`'s
+    tokens (its pooled through `forward_head`), the last block's normed tokens its patch tokens (with their
+    mask); NCHW maps exist for the blocks that keep the grid, equal to `hidden_tokens`, and are refused past them;
+    `features_only=True` equals the same features."""
     model = build(name)
-    images = images_for(model, 2)
-    if not model.hidden_layers_readable:
-        with pytest.raises(NotImplementedError, match="changes its token set inside the trunk"):
-            model.forward_intermediates(images)
-        return
+    images = images_for(model, 3)
+    depth, prefix = len(model.blocks), model.num_prefix_tokens
     with torch.no_grad():
-        features = model.forward_intermediates(images, indices=[1], output_fmt="NLC", intermediates_only=True)[0]
-        expected = model.hidden_tokens(images, 2)[:, model.num_prefix_tokens:]
-    assert torch.allclose(features, expected, atol=1e-6)
+        out = model.encode(images)
+        result = model.forward_intermediates(images, norm=True, output_fmt="NLC", output_dict=True)
+        pooled = model.forward_head(result["image_features"], pre_logits=True)
+    assert torch.allclose(result["image_features"], out.tokens, atol=1e-5)
+    assert torch.allclose(pooled, out.pooled, atol=1e-5)
+    assert torch.allclose(result["image_intermediates"][-1], out.tokens[:, prefix:], atol=1e-5)
+    if "image_intermediates_mask" in result:  # variable-length tokens
+        assert torch.equal(result["image_intermediates_mask"][-1], out.token_mask[:, prefix:])
+    if model.grid_layers < depth:
+        with pytest.raises(ValueError, match="output_fmt='NLC'"):
+            model.forward_intermediates(images, indices=[depth - 1])
+    if model.grid_layers:
+        with torch.no_grad():
+            grid = model.forward_intermediates(images, indices=[model.grid_layers - 1], intermediates_only=True)[0]
+            expected = model.hidden_tokens(images, model.grid_layers)[:, prefix:]
+        assert grid.shape == (3, TINY["embed_dim"], *model.patch_embed.grid_size)
+        assert torch.allclose(grid.flatten(2).transpose(1, 2), expected, atol=1e-5)
     torch.manual_seed(0)
-    maps = timm.create_model(name, **TINY, features_only=True, out_indices=(1,)).eval()(images)
-    assert maps[0].shape == (2, TINY["embed_dim"], *model.patch_embed.grid_size)
-    assert torch.allclose(maps[0].flatten(2).transpose(1, 2), features, atol=1e-6)  # same seed, same weights
+    features = timm.create_model(name, **TINY, features_only=True, out_indices=(depth - 1,)).eval()
+    with torch.no_grad():
+        last = features(images)[0]
+        expected = model.forward_intermediates(images, indices=[depth - 1], output_fmt="NLC",
+                                               intermediates_only=True)[0]
+    assert torch.allclose(last.flatten(2).transpose(1, 2) if last.ndim == 4 else last, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -160,3 +176,21 @@ def test_training_through_forward_warns_when_the_aux_loss_is_dropped(name):
         model(images)
     dropped = [w for w in caught if "cannot return its aux_loss" in str(w.message)]
     assert bool(dropped) == model.has_aux_loss
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_through_forward_hands_the_aux_loss_to_a_collector(name):
+    import warnings
+    from dtpclip.encoders.vit import collecting_aux_losses
+    model = build(name).train()
+    images = images_for(model, 2)
+    torch.manual_seed(3)
+    expected = model.encode(images)
+    with collecting_aux_losses() as handed, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.manual_seed(3)
+        logits = model(images)
+    assert torch.allclose(logits, model.head(expected.pooled), atol=1e-6)
+    assert len(handed) == int(model.has_aux_loss)
+    if handed:
+        assert torch.equal(handed[0].aux_loss, expected.aux_loss) and handed[0].aux_loss.requires_grad

@@ -14,7 +14,7 @@ from torch.distributions import Binomial, RelaxedBernoulli
 
 from dtpclip.encoders.output import EncoderOutput
 from dtpclip.encoders.packing import PackedRows
-from dtpclip.encoders.vit import PlainViT, register_vit_family
+from dtpclip.encoders.vit import TOKEN_FEATURE_CFG, PlainViT, register_vit_family
 
 # Named compression variants: suffix -> prior (fraction of patches that close a segment).
 COMPRESSIONS = {"2x": 0.5, "4x": 0.25, "10x": 0.1}
@@ -139,44 +139,120 @@ class DTPViT(PlainViT):
             return torch.utils.checkpoint.checkpoint(block, x, attn_mask=attn_mask, use_reentrant=False)
         return block(x, attn_mask=attn_mask)
 
-    def forward_pooled(self, images: torch.Tensor):
-        """images -> (tokens [B, N, D] with padding zeroed, token_mask [B, N], boundaries [B, L])."""
+    @property
+    def grid_layers(self) -> int:
+        return self.pre_layers
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[0] == 0:
             raise ValueError("DTP-ViT got an empty batch (0 images): expected at least one image")
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
-        for block in self.blocks[: self.pre_layers]:
-            x = self._run_block(block, x)
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
+
+    def _pool_segments(self, x: torch.Tensor):
+        """Tokens after the pre-layers -> (prefix + segment tokens, their token_mask [B, N], boundaries [B, L])."""
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         boundaries = self.boundary_predictor(patches)
         segments, segment_mask = segment_pool(patches, boundaries)
-        x = torch.cat([prefix, segments], dim=1)
         token_mask = torch.cat([segment_mask.new_ones(prefix.shape[:2]), segment_mask], dim=1)
-        if self.token_packing:
-            x = self._forward_packed(x, token_mask)
-        else:
-            attn_mask = token_mask[:, None, None, :]  # keys only: padded queries stay finite
-            for block in self.blocks[self.pre_layers:]:
-                x = self._run_block(block, x, attn_mask)
-            x = self.norm(x) * token_mask.unsqueeze(-1).to(x.dtype)
-        return x, token_mask, boundaries
+        return torch.cat([prefix, segments], dim=1), token_mask, boundaries
 
-    def _forward_packed(self, x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """Shortened layers + final norm over packed rows about as long as the unpooled sequence."""
+    def forward_pooled(self, images: torch.Tensor):
+        """images -> (tokens [B, N, D] with padding zeroed, token_mask [B, N], boundaries [B, L])."""
+        x = self._embed(images)
+        for block in self.blocks[: self.pre_layers]:
+            x = self._run_block(block, x)
+        x, token_mask, boundaries = self._pool_segments(x)
+        return self._forward_shortened(x, token_mask)[0], token_mask, boundaries
+
+    def _forward_shortened(self, x: torch.Tensor, token_mask: torch.Tensor, taps=(), norm_taps: bool = False,
+                           stop: int = None):
+        """The blocks after pooling (up to `stop`) + final norm: (tokens [B, N, D] with padding zeroed,
+        {block index in `taps`: its tokens, likewise}).
+
+        token_packing runs them on packed rows about as long as the unpooled sequence (packing.py); otherwise
+        on the padded batch with padded keys masked (padded queries stay finite and are zeroed on the way out).
+        """
         batch, seq_len = token_mask.shape
-        layout = PackedRows.plan(token_mask.sum(1), seq_len, self.patch_embed.num_patches + self.num_prefix_tokens)
-        rows = layout.pack(x)
-        for block in self.blocks[self.pre_layers:]:
-            rows = self._run_block(block, rows, layout.attn_mask)
-        return layout.unpack(self.norm(rows), batch, seq_len)
+        if self.token_packing:
+            layout = PackedRows.plan(token_mask.sum(1), seq_len, self.patch_embed.num_patches + self.num_prefix_tokens)
+            state, attn_mask = layout.pack(x), layout.attn_mask
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+            def padded(rows):
+                return layout.unpack(rows, batch, seq_len)
+        else:
+            state, attn_mask = x, token_mask[:, None, None, :]
+
+            def padded(tokens):
+                return tokens * token_mask.unsqueeze(-1).to(tokens.dtype)
+        taken = {}
+        stop = len(self.blocks) if stop is None else stop
+        for index in range(self.pre_layers, stop):
+            state = self._run_block(self.blocks[index], state, attn_mask)
+            if index in taps:
+                taken[index] = padded(self.norm(state) if norm_taps else state)
+        return padded(self.norm(state)), taken
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, output_dict: bool = False):
+        """timm's per-block features, true to the pooling (timm's signature and outputs).
+
+        Blocks before the pooling give the patch grid (NCHW or NLC); blocks after it give the segment tokens,
+        padded with zeros to the image with the most (NLC only: no grid). With `output_dict=True`,
+        'image_intermediates_mask' holds each one's [B, N] mask (True = a real token). The final features
+        equal `encode().tokens`, so `forward_head` of them equals `encode().pooled` (open_clip's
+        `CLIP.forward_intermediates` image features equal `encode_image`).
+        """
+        take = self.check_feature_format(indices, output_fmt)
+        stop = max(take) + 1 if stop_early else len(self.blocks)
+        taken, masks = {}, {}
+        tokens = self._embed(x)
+        grid_mask = tokens.new_ones(tokens.shape[:2], dtype=torch.bool)
+        for index in range(min(stop, self.pre_layers)):
+            tokens = self._run_block(self.blocks[index], tokens)
+            if index in take:
+                taken[index], masks[index] = (self.norm(tokens) if norm else tokens), grid_mask
+        if stop > self.pre_layers:
+            tokens, token_mask, _ = self._pool_segments(tokens)
+            tokens, shortened = self._forward_shortened(tokens, token_mask, take, norm, stop)
+            taken.update(shortened)
+            masks.update(dict.fromkeys(shortened, token_mask))
+        else:
+            tokens = self.norm(tokens)
+        prefix = self.num_prefix_tokens
+        intermediates = [taken[i][:, prefix:] for i in take]
+        prefix_tokens = [taken[i][:, :prefix] for i in take]
+        if output_fmt == "NCHW":
+            height, width = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+            intermediates = [t.reshape(len(t), height, width, -1).permute(0, 3, 1, 2).contiguous()
+                             for t in intermediates]
+        if output_dict:
+            result = {"image_intermediates": intermediates,
+                      "image_intermediates_mask": [masks[i][:, prefix:] for i in take]}
+            if return_prefix_tokens and prefix:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = tokens
+            return result
+        if return_prefix_tokens and prefix:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        return intermediates if intermediates_only else (tokens, intermediates)
+
+    def forward_features(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("DTP-ViT masks attention itself (per image, after pooling): attn_mask / is_causal "
+                             "cannot be given")
         return self.forward_pooled(images)[0]
 
     def pool(self, x: torch.Tensor, pool_type=None, token_mask=None) -> torch.Tensor:
-        """timm's pooling, with 'avg' restricted to real tokens when a mask is given."""
+        """timm's pooling, with 'avg' over the real tokens only. Without a mask (timm's and open_clip's
+        `forward_head(forward_features(x))`) it is read off the tokens: padding holds exact zeros, a real
+        token after the final norm never does."""
         pool_type = self.global_pool if pool_type is None else pool_type
-        if token_mask is None or pool_type in ("token", ""):
+        if pool_type in ("token", ""):
             return super().pool(x, pool_type)
+        if token_mask is None:
+            token_mask = x.ne(0).any(-1)
         if pool_type != "avg":
             raise ValueError(f"DTP-ViT pools with 'avg' or 'token' over variable-length tokens, got {pool_type!r}")
         mask = token_mask[:, self.num_prefix_tokens:, None].to(x.dtype)
@@ -197,10 +273,6 @@ class DTPViT(PlainViT):
         pooled = self.forward_head(tokens, pre_logits=True, token_mask=token_mask)
         return EncoderOutput(tokens, token_mask, pooled, self.boundary_predictor.loss(boundaries), stats)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.warn_if_aux_loss_dropped()
-        return self.head(self.encode(images).pooled)
-
     @torch.no_grad()
     def token_groups(self, images: torch.Tensor):
         """(segment of each patch [B, H, W], boundaries [B, H, W]): a boundary closes its segment."""
@@ -212,5 +284,5 @@ class DTPViT(PlainViT):
         return {"compression": self.boundary_predictor.prior, "pre_layers": self.pre_layers}
 
 
-register_vit_family("dtp", DTPViT, "dtp_vit_{size}", "DTP-ViT-{tag}",
+register_vit_family("dtp", DTPViT, "dtp_vit_{size}", "DTP-ViT-{tag}", feature_cfg=TOKEN_FEATURE_CFG,
                     variants={"": {}, **{k: {"compression": v} for k, v in COMPRESSIONS.items()}})

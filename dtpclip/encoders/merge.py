@@ -40,7 +40,7 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from dtpclip.encoders.attention import HookedAttention, hook_attention
-from dtpclip.encoders.vit import PlainViT, register_vit_family
+from dtpclip.encoders.vit import TOKEN_FEATURE_CFG, PlainViT, register_vit_family
 from dtpclip.encoders.vit import find_vit as find_any_vit
 from dtpclip.registry import register_transform
 
@@ -266,6 +266,11 @@ class _ToMeEncoder:
                                       "would recompute merges on stale state: turn one of them off")
         return super().forward_features(*args, **kwargs)
 
+    @property
+    def grid_layers(self) -> int:
+        """Blocks before the first merge keep the grid."""
+        return next((i for i, r in enumerate(self._tome_info["r"][: len(self.blocks)]) if r > 0), len(self.blocks))
+
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         """'avg' over merged tokens weighs each by its size, i.e. the mean over the patches it holds."""
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -440,6 +445,7 @@ def _apply_lgtm_transform(model: nn.Module, calibration=None, r: int = 8, dense:
 # `ToMe-ViT-{tag}-r{r}` at each size's `merge_r`, and `tome_vit_{size}` at any `tome_r` (default 0).
 for _method, _clip in (("tome", "ToMe"), ("lgtm", "LGTM")):
     register_vit_family(_method, merging_vit(_method), f"{_method}_vit_{{size}}", f"{_clip}-ViT-{{tag}}",
+                        feature_cfg=TOKEN_FEATURE_CFG,
                         variants=lambda size: {"": {}, **{f"r{r}": {"tome_r": r} for r in size.merge_r}})
 def _mergeable(encoder: nn.Module) -> bool:
     return getattr(encoder, "mergeable", False)

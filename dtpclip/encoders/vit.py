@@ -5,11 +5,14 @@ CLIP-style (pre-norm, LayerNorm eps 1e-5, no patch-embed bias, exact GELU) like 
 and reproduce open_clip's visual output.
 """
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
-from typing import Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 
 from dtpclip.checkpoint import encoder_state_from_clip
@@ -18,8 +21,25 @@ from dtpclip.registry import register_family
 
 # timm's own ViTs' feature config: `features_only=True` goes through `forward_intermediates`
 VIT_FEATURE_CFG = dict(out_indices=3, feature_cls="getter")
+# Families whose later blocks hold no patch grid give their features as token lists
+TOKEN_FEATURE_CFG = dict(VIT_FEATURE_CFG, output_fmt="NLC")
 # fc_norm=False: the final norm stays on the tokens (open_clip's ln_post) whatever the pooling.
 CLIP_VIT_DEFAULTS = dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5), fc_norm=False, num_classes=0)
+
+_AUX_OUTPUT_SINK: ContextVar[Optional[List[EncoderOutput]]] = ContextVar("dtpclip_aux_output_sink", default=None)
+
+
+@contextmanager
+def collecting_aux_losses() -> Iterator[List[EncoderOutput]]:
+    """Inside it, training through `forward()` appends each `encode()` output (its aux_loss and stats) to the
+    yielded list instead of warning that the aux loss is dropped: the hook a foreign training loop's loss
+    (open_clip_train's, see dtpclip.open_clip_train) adds them through."""
+    outputs: List[EncoderOutput] = []
+    token = _AUX_OUTPUT_SINK.set(outputs)
+    try:
+        yield outputs
+    finally:
+        _AUX_OUTPUT_SINK.reset(token)
 
 
 class PlainViT(VisionTransformer):
@@ -31,9 +51,12 @@ class PlainViT(VisionTransformer):
       quantizable               low-bit quantization (LSQ, PTQ) may patch its blocks' Linears and attention
       hidden_layers_readable    `hidden_tokens(images, layer)` gives block `layer`'s tokens (LLaVA's
                                 select_layer); False where the token set changes inside the trunk
+      grid_layers               leading blocks whose output is the patch grid (NCHW `forward_intermediates`);
+                                past them timm's feature API gives the tokens the blocks really hold (NLC)
       token_groups(images)      which output token each patch ends in, for the visualiser
       settings()                its efficiency knobs, for the registry and comparison tables
       has_aux_loss              `encode` returns a loss term training must add, which `forward` cannot return
+                                (in training it hands it to `collecting_aux_losses`, or warns that it is dropped)
     """
 
     fresh_parameter_prefixes: Tuple[str, ...] = ()
@@ -60,23 +83,38 @@ class PlainViT(VisionTransformer):
         return EncoderOutput.dense(tokens, self.forward_head(tokens, pre_logits=True))
 
     def forward(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.warn_if_aux_loss_dropped()
-        return super().forward(images, **kwargs)
-
-    def warn_if_aux_loss_dropped(self) -> None:
-        """Training through `forward` (what open_clip's timm tower calls) drops `encode`'s aux_loss: say so."""
-        if self.has_aux_loss and self.training and torch.is_grad_enabled():
+        """timm's forward; in training, for an encoder with an aux loss, through `encode` so the loss is handed on."""
+        if not (self.has_aux_loss and self.training and torch.is_grad_enabled()):
+            return super().forward(images, **kwargs)
+        out = self.encode(images)
+        sink = _AUX_OUTPUT_SINK.get()
+        if sink is None:
             warnings.warn(f"{type(self).__name__} is training through forward(), which cannot return its aux_loss "
                           "(e.g. DTP's boundary loss), so nothing trains it: train through encode(), as dtpclip's "
-                          "loop does (launch/clip_pretrain.py)", stacklevel=3)
+                          "loop does (launch/clip_pretrain.py), or through `python -m dtpclip.open_clip_train`",
+                          stacklevel=2)
+        else:
+            sink.append(out)
+        return self.head(out.pooled)
 
-    def forward_intermediates(self, *args, **kwargs):
-        """timm's per-block features, where they exist: not for encoders whose token set changes inside the
-        trunk (`hidden_layers_readable = False`), whose inherited version would run the blocks unpooled."""
-        if not self.hidden_layers_readable:
-            raise NotImplementedError(f"{type(self).__name__} changes its token set inside the trunk, so it has no "
-                                      "per-block feature maps: use encode() (tokens and token_mask)")
-        return super().forward_intermediates(*args, **kwargs)
+    @property
+    def grid_layers(self) -> int:
+        """How many leading blocks still output the patch grid (timm's NCHW feature maps exist for those)."""
+        return len(self.blocks)
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, *args, output_fmt: str = "NCHW", **kwargs):
+        """timm's per-block features, as the blocks compute them; NCHW maps only for blocks that keep the grid."""
+        self.check_feature_format(indices, output_fmt)
+        return super().forward_intermediates(x, indices, *args, output_fmt=output_fmt, **kwargs)
+
+    def check_feature_format(self, indices, output_fmt: str) -> List[int]:
+        """The absolute block indices `indices` takes; a ValueError if NCHW maps are asked of gridless blocks."""
+        take, _ = feature_take_indices(len(self.blocks), indices)
+        gridless = [i for i in take if i >= self.grid_layers]
+        if output_fmt == "NCHW" and gridless:
+            raise ValueError(f"blocks {gridless} of {type(self).__name__} hold a changed token set, not the "
+                             f"{tuple(self.patch_embed.grid_size)} patch grid: ask for output_fmt='NLC' (token lists)")
+        return take
 
     def hidden_tokens(self, images: torch.Tensor, layer: int) -> torch.Tensor:
         """Tokens after the first `layer` blocks, before the final norm (CLIP's hidden_states[layer])."""
@@ -106,11 +144,13 @@ def find_vit(model: nn.Module, transform: str) -> VisionTransformer:
     return vit
 
 
-def register_vit_family(family: str, model_cls, name: str, clip_name: Optional[str], **kwargs):
+def register_vit_family(family: str, model_cls, name: str, clip_name: Optional[str],
+                        feature_cfg: dict = VIT_FEATURE_CFG, **kwargs):
     """`register_family` for a ViT-based family: CLIP checkpoints load through `encoder_state_from_clip`, and
-    timm's `features_only=True` works as for timm's own ViTs (its feature config)."""
+    timm's `features_only=True` works as for timm's own ViTs (their feature config; TOKEN_FEATURE_CFG where
+    later blocks hold no grid)."""
     return register_family(family, model_cls, name, clip_name, pretrained_filter_fn=encoder_state_from_clip,
-                           feature_cfg=VIT_FEATURE_CFG, **kwargs)
+                           feature_cfg=feature_cfg, **kwargs)
 
 
 register_vit_family("vit", PlainViT, "plain_vit_{size}", "PlainViT-{tag}")
