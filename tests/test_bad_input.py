@@ -162,7 +162,8 @@ def test_an_empty_batch_is_named():
 
 
 ENTRY_POINTS = [["-m", m] for m in ("dtpclip.zeroshot", "dtpclip.classify", "dtpclip.profile", "dtpclip.quantize",
-                                     "dtpclip.visualize", "dtpclip.models", "dtpclip.demo_data",
+                                     "dtpclip.visualize", "dtpclip.models", "dtpclip.demo_data", "dtpclip.export",
+                                     "dtpclip.open_clip_train",
                                      "llava_bridge.generate", "llava_bridge.export")] + \
                [[str(Path(__file__).resolve().parents[1] / "launch" / f)] for f in ("clip_pretrain.py", "llava_align.py")]
 
