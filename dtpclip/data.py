@@ -52,7 +52,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIP_REASONS = ("missing_image", "missing_caption", "missing_label", "undecodable_image",
                 "unreadable_shard", "truncated_shard")
 SHARD_REASONS = ("unreadable_shard", "truncated_shard")
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 _SHARD_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)
 
 
@@ -166,8 +166,9 @@ class SampleCounts:
     so the counts are exact with any num_workers. Each skip is logged (the first of each reason
     per process as a warning naming the sample and shard, later ones at debug level)."""
 
-    def __init__(self):
-        self._values = multiprocessing.Array("q", 1 + len(SKIP_REASONS))
+    def __init__(self, reasons: Sequence[str] = SKIP_REASONS):
+        self.reasons = tuple(reasons)
+        self._values = multiprocessing.Array("q", 1 + len(self.reasons))
         self._warned: set[str] = set()
 
     def add_seen(self) -> None:
@@ -176,7 +177,7 @@ class SampleCounts:
 
     def skip(self, reason: str, where: str, error: BaseException | None = None) -> None:
         with self._values.get_lock():
-            self._values[1 + SKIP_REASONS.index(reason)] += 1
+            self._values[1 + self.reasons.index(reason)] += 1
         message = f"skipping {where}: {reason}" + (f" ({type(error).__name__}: {error})" if error else "")
         if reason in self._warned:
             log.debug(message)
@@ -187,7 +188,7 @@ class SampleCounts:
     def snapshot(self) -> DataCounts:
         with self._values.get_lock():
             values = list(self._values)
-        return DataCounts(values[0], dict(zip(SKIP_REASONS, values[1:])))
+        return DataCounts(values[0], dict(zip(self.reasons, values[1:])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def decode_image(data: bytes, counts: SampleCounts, where: str) -> Image.Image |
     """The RGB image, or None (counted) when the bytes do not decode."""
     try:
         return Image.open(io.BytesIO(data)).convert("RGB")
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         counts.skip("undecodable_image", where, error)
         return None
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from dtpclip import checkpointing
 from dtpclip.checkpoint import load_checked, read_state_dict
@@ -91,15 +92,9 @@ def deepspeed_config(path, cfg: AlignConfig, world: int, bf16: bool, hidden: int
     return config
 
 
-def lr_lambda(total: int, warmup_ratio: float):
-    """LLaVA's (HF's) schedule: linear warmup over ceil(ratio * total) steps, then cosine to 0."""
-    warmup = math.ceil(warmup_ratio * total)
-
-    def scale(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return scale
+def warmup_steps(total: int, warmup_ratio: float) -> int:
+    """HF TrainingArguments.get_warmup_steps, which LLaVA's Trainer uses: ceil(ratio * total)."""
+    return math.ceil(warmup_ratio * total)
 
 
 def epoch_batches(num_samples: int, micro: int, rank: int, world: int, seed: int, epoch: int):
@@ -131,10 +126,13 @@ def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
         cfg.data_path, cfg.image_folder = str(demo.llava_json), str(demo.llava_images)
     if cfg.image_folder is None:
         cfg.image_folder = str(Path(cfg.data_path).parent)
+    if cfg.lm is None and cfg.pretrain_projector and Path(cfg.pretrain_projector).is_dir():
+        cfg.lm = str(build.trained_lm(cfg.pretrain_projector))  # stage 2 goes on from stage 1's LM and tokenizer
     if cfg.lm is None:
         from llava_bridge.demo_lm import ensure_demo_lm
         cfg.lm = str(ensure_demo_lm(llava_json=cfg.data_path))
     cfg.lr = STAGES[cfg.stage]["lr"] if cfg.lr is None else cfg.lr
+    cfg.batch_size = cfg.batch_size or STAGES[cfg.stage]["batch_size"]
     cfg.template = cfg.template or STAGES[cfg.stage]["template"]
     return cfg
 
@@ -152,7 +150,7 @@ def build_model(cfg: AlignConfig):
         if (path / build.VISION_FILE).is_file():  # stage 1's own tower
             load_checked(tower.encoder, read_state_dict(path / build.VISION_FILE), path / build.VISION_FILE)
         path = path / build.PROJECTOR_FILE if path.is_dir() else path
-        load_checked(model.projector, read_state_dict(path), path)
+        load_checked(model.projector, build.projector_state(path), path)
     lm.requires_grad_(cfg.stage == "finetune")
     return model, tokenizer
 
@@ -261,7 +259,7 @@ def _train(cfg: AlignConfig) -> Optional[Path]:
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup_ratio))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total, cfg.warmup_ratio), total)
     ds_config = deepspeed_config(cfg.deepspeed_config, cfg, world, bf16, model.language_model.config.hidden_size)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
@@ -308,7 +306,7 @@ def _train(cfg: AlignConfig) -> Optional[Path]:
             window["steps"] += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
-                log_window(window, step, epoch, scheduler, world, rank, metrics, bar, device)
+                log_window(window, step, epoch, scheduler, world, rank, metrics, bar, device, dataset.counts)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save_checkpoint(engine, cfg, step, rank)
             if step >= total:
@@ -318,8 +316,9 @@ def _train(cfg: AlignConfig) -> Optional[Path]:
 
 
 def log_window(window: dict, step: int, epoch: int, scheduler, world: int, rank: int, metrics: Path, bar,
-               device) -> None:
-    """One metrics.jsonl record over the steps since the last one; the window is reset."""
+               device, counts) -> None:
+    """One metrics.jsonl record over the steps since the last one; the window is reset. `counts`: the
+    dataset's masked samples by reason so far (this rank's)."""
     loss_sum = torch.as_tensor(window["loss"], dtype=torch.float64, device=device).clone()
     if world > 1:  # window["tokens"] is already global
         dist.all_reduce(loss_sum)
@@ -331,6 +330,7 @@ def log_window(window: dict, step: int, epoch: int, scheduler, world: int, rank:
         "visual_tokens_per_sample": window["visual"] / max(1, window["imaged"]),
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda"
         else peak_resident_bytes(),
+        "masked_samples": counts.snapshot().skipped,
     }
     if rank == 0:
         with metrics.open("a") as f:

@@ -6,7 +6,9 @@ from typing import Optional
 
 from dtpclip.cli import check_config
 
-STAGES = {"pretrain": dict(lr=1e-3, template="plain"), "finetune": dict(lr=2e-5, template="vicuna_v1")}
+# LLaVA-1.5's per-stage defaults (scripts/v1_5/pretrain.sh, finetune.sh: batch per GPU 32, 16)
+STAGES = {"pretrain": dict(lr=1e-3, template="plain", batch_size=32),
+          "finetune": dict(lr=2e-5, template="vicuna_v1", batch_size=16)}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
 SELECT_FEATURES = ("patch", "cls_patch")  # LLaVA's mm_vision_select_feature: drop the CLS token, or keep it
 PROJECTORS = ("mlp2x_gelu", "linear")
@@ -34,12 +36,14 @@ class AlignConfig:
     select_feature: str = field(default="patch", metadata={"help": "drop or keep CLS", "choices": SELECT_FEATURES})
     projector: str = field(default="mlp2x_gelu", metadata={"help": "projector kind", "choices": PROJECTORS})
     pretrain_projector: Optional[str] = field(default=None, metadata={
-        "help": "finetune: stage-1 output directory (or projector.safetensors) to start from"})
+        "help": "finetune: stage-1 output directory (or projector.safetensors, or LLaVA's mm_projector.bin) to start "
+                "from; its LM too, without --lm"})
     lm: Optional[str] = field(default=None, metadata={"help": "local LM directory (default: the demo's tiny Llama)"})
     template: Optional[str] = field(default=None, metadata={"help": "default: plain (pretrain), vicuna_v1 (finetune)",
                                                             "choices": TEMPLATE_NAMES})
     deepspeed_config: str = field(default=str(CONFIG_DIR / "zero2.json"), metadata={"help": "zero2/zero3 json"})
-    batch_size: int = field(default=32, metadata={"help": "micro batch per rank", "min": 1})
+    batch_size: Optional[int] = field(default=None, metadata={
+        "help": "micro batch per rank; default: 32 (pretrain), 16 (finetune)", "min": 1})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps", "min": 1})
     lr: Optional[float] = field(default=None, metadata={"help": "default: 1e-3 (pretrain), 2e-5 (finetune)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})

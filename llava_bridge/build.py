@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dtpclip.checkpoint import checkpoint_config, load_checked, resolve_checkpoint
+from dtpclip.checkpoint import checkpoint_config, load_checked, read_state_dict, resolve_checkpoint
 from dtpclip.encoders.quant import quant_config
 from dtpclip.evaluate import registry_name
 from dtpclip.factory import apply_transforms, create_encoder, restore_structure
@@ -104,20 +104,42 @@ def save_file_atomic(tensors: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_trained(path, dtype: torch.dtype = torch.float32) -> Tuple[LlavaModel, object, Template, dict]:
-    """(model, tokenizer, template, config) of a trained directory (see the module doc)."""
+def trained_dir(path) -> Path:
+    """A trained directory given as itself or as its run directory; FileNotFoundError otherwise."""
     path = Path(path)
     if (path / "final" / CONFIG_FILE).is_file():
         path = path / "final"  # a run directory
     if not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_FILE}: expected the 'final' directory of a "
                                 "launch/llava_align.py run (or the run directory)")
+    return path
+
+
+def trained_lm(path) -> Path:
+    """The LM directory a trained directory was trained with (stage 1) or holds (stage 2)."""
+    path = trained_dir(path)
+    return path / json.loads((path / CONFIG_FILE).read_text())["lm"]  # an absolute "lm" wins over `path`
+
+
+# LLaVA saves stage 1's projector as mm_projector.bin with the model's key prefix
+LLAVA_PROJECTOR_PREFIX = "model.mm_projector."
+
+
+def projector_state(path) -> dict:
+    """Projector weights from our projector.safetensors or LLaVA's mm_projector.bin."""
+    state = read_state_dict(path)
+    return {k.removeprefix(LLAVA_PROJECTOR_PREFIX): v for k, v in state.items()}
+
+
+def load_trained(path, dtype: torch.dtype = torch.float32) -> Tuple[LlavaModel, object, Template, dict]:
+    """(model, tokenizer, template, config) of a trained directory (see the module doc)."""
+    path = trained_dir(path)
     cfg = json.loads((path / CONFIG_FILE).read_text())
     encoder = create_encoder(cfg["encoder"], **cfg.get("model_kwargs", {}))
     restore_structure(encoder, cfg["tower_structure"])  # the tower's own weights are in the directory
     load_checked(encoder, load_file(str(path / VISION_FILE)), path / VISION_FILE)
     tower = VisionTower(encoder, cfg["select_layer"], cfg["select_feature"])
-    lm, tokenizer = load_lm(path / cfg["lm"], dtype)  # an absolute cfg["lm"] wins over `path`
+    lm, tokenizer = load_lm(trained_lm(path), dtype)
     model = LlavaModel(tower, lm, cfg["projector"], cfg.get("max_length"))
     load_checked(model.projector, load_file(str(path / PROJECTOR_FILE)), path / PROJECTOR_FILE)
     return model.to(dtype).eval(), tokenizer, get_template(cfg["template"]), cfg

@@ -4,7 +4,9 @@
 
 The image placeholder: as in LLaVA, `<image>` in the text becomes IMAGE_TOKEN_INDEX (-200) in
 the input ids, never a vocabulary token, so any tokenizer works unchanged; the model replaces it
-by the image's projected tokens.
+by the image's projected tokens. As LLaVA's `preprocess_multimodal` does, a turn holding `<image>`
+gets it at its front, as `<image>\n` ("question\n<image>" reads as "<image>\nquestion"), and the
+text starts with BOS only where the tokenizer itself adds one (`tokenizer_image_token`'s rule).
 
 Masking: LLaVA tokenizes the whole conversation, then re-tokenizes the instruction parts to
 count how many tokens to mask (with a -2 fudge for the Llama tokenizer) and, on a mismatch,
@@ -59,6 +61,19 @@ def get_template(name: str) -> Template:
     return TEMPLATES[name]
 
 
+def image_first(text: str) -> str:
+    """A turn with `<image>` as LLaVA's `preprocess_multimodal` writes it: `<image>\n` and then the rest, stripped."""
+    if IMAGE_TOKEN not in text:
+        return text
+    return (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
+
+
+def bos_ids(tokenizer) -> List[int]:
+    """[BOS] where the tokenizer adds one to what it encodes (Llama's does, byte-level BPEs often do not)."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
 def tokenize_with_image(text: str, tokenizer) -> List[int]:
     """Token ids of `text` (no special tokens added) with each `<image>` as IMAGE_TOKEN_INDEX."""
     ids: List[int] = []
@@ -82,7 +97,7 @@ def conversation_parts(conversations: Sequence[dict], template: Template, eos: s
                              f"{human.get('from')!r} and {gpt.get('from')!r}")
         if IMAGE_TOKEN in gpt["value"]:
             raise ValueError(f"turn {i + 1} (gpt) contains {IMAGE_TOKEN}; images belong in human turns")
-        question = human["value"]
+        question = image_first(human["value"])
         if template.image_only:
             if IMAGE_TOKEN not in question or len(conversations) != 2:
                 raise ValueError(f"template {template.name!r} takes one human turn with {IMAGE_TOKEN} and one "
@@ -99,13 +114,21 @@ def conversation_parts(conversations: Sequence[dict], template: Template, eos: s
     return merged
 
 
+class TokenBoundaryError(ValueError):
+    """A prompt/answer boundary falls inside a token; `input_ids` holds the conversation's ids all the same."""
+
+    def __init__(self, message: str, input_ids: List[int]):
+        super().__init__(message)
+        self.input_ids = input_ids
+
+
 def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Template):
     """(input_ids, labels) LongTensors; labels are IGNORE_INDEX on the system, prompts and images.
 
-    Raises ValueError when a prompt/answer boundary falls inside a token (see the module doc).
+    Raises TokenBoundaryError when a prompt/answer boundary falls inside a token (see the module doc).
     """
     parts = conversation_parts(conversations, template, tokenizer.eos_token or "")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_ids(tokenizer)
     text = "".join(t for t, _ in parts)
     input_ids = bos + tokenize_with_image(text, tokenizer)
     labels = list(input_ids)
@@ -115,10 +138,10 @@ def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Te
         prefix_ids = bos + tokenize_with_image(prefix, tokenizer)
         end = len(prefix_ids)
         if input_ids[:end] != prefix_ids:
-            raise ValueError(
+            raise TokenBoundaryError(
                 f"template {template.name!r}: the boundary after {prefix[-40:]!r} falls inside a token "
                 f"(the text up to it does not tokenize as a prefix of the whole conversation), so prompt "
-                f"and answer tokens cannot be told apart; put the separator on the answer side")
+                f"and answer tokens cannot be told apart; put the separator on the answer side", input_ids)
         if not trained:
             labels[start:end] = [IGNORE_INDEX] * (end - start)
         start = end
@@ -127,5 +150,10 @@ def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Te
 
 def generation_prompt(question: str, template: Template) -> str:
     """The text before the first answer: what greedy generation continues."""
-    question = IMAGE_TOKEN if template.image_only else question
+    question = IMAGE_TOKEN if template.image_only else image_first(question)
     return template.system + template.turn_prompt.format(question=question)
+
+
+def prompt_ids(question: str, tokenizer, template: Template) -> List[int]:
+    """Input ids of `generation_prompt(question)`, as training tokenizes the same text."""
+    return bos_ids(tokenizer) + tokenize_with_image(generation_prompt(question, template), tokenizer)

@@ -4,6 +4,11 @@
 A record is {"id", "image" (relative to the image folder; absent for text-only records),
 "conversations": [{"from": "human"|"gpt", "value"}...]}: the 558K pretraining captions
 (one human turn with `<image>`, one answer) and the 665K multi-turn instruction data alike.
+
+A record that cannot be read is found before training (`_check`). Within training, as LLaVA does
+with a tokenization mismatch, a sample whose prompt/answer boundary falls inside a token, or whose
+image does not decode (then a black image stands in), is masked (no label trains) and counted
+by reason in a `SampleCounts` shared by the DataLoader workers; the first of each is logged.
 """
 import json
 from pathlib import Path
@@ -13,7 +18,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from llava_bridge.conversation import IGNORE_INDEX, IMAGE_TOKEN, Template, tokenize_conversation
+from dtpclip.data import DECODE_ERRORS, SampleCounts
+from llava_bridge.conversation import IGNORE_INDEX, IMAGE_TOKEN, Template, TokenBoundaryError, tokenize_conversation
+
+MASK_REASONS = ("untokenizable", "undecodable_image")
 
 
 def read_records(json_path) -> List[dict]:
@@ -39,6 +47,7 @@ class LlavaJsonDataset(Dataset):
         self.image_folder, self.tokenizer, self.template = Path(image_folder), tokenizer, template
         self.transform = transform
         self.source = str(json_path)
+        self.counts = SampleCounts(MASK_REASONS)
         for index, record in enumerate(self.records):  # before training: a bad record is not found mid-run
             self._check(index, record)
 
@@ -62,14 +71,23 @@ class LlavaJsonDataset(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Optional[torch.Tensor]]:
         record = self.records[index]
+        where = f"{self.source} record {index} (id {record.get('id')!r})"
+        self.counts.add_seen()
         try:
             input_ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template)
-        except ValueError as e:
-            raise ValueError(f"{self.source} record {index} (id {record.get('id')!r}): {e}") from e
+        except TokenBoundaryError as e:
+            self.counts.skip("untokenizable", where, e)
+            input_ids = torch.tensor(e.input_ids)
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
         image = None
         if "image" in record:
-            with Image.open(self.image_folder / record["image"]) as img:
-                image = self.transform(img.convert("RGB"))
+            try:
+                with Image.open(self.image_folder / record["image"]) as img:
+                    image = self.transform(img.convert("RGB"))
+            except DECODE_ERRORS as e:
+                self.counts.skip("undecodable_image", where, e)
+                image = self.transform(Image.new("RGB", (8, 8)))
+                labels = torch.full_like(input_ids, IGNORE_INDEX)
         return {"input_ids": input_ids, "labels": labels, "image": image}
 
 

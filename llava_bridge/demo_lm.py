@@ -4,11 +4,14 @@ LLaVA aligns a projector to an LM that already knows language; so that the demo'
 means the same thing, the tiny Llama (hidden 64, 2 layers, 4 heads) is first trained for a few
 hundred steps as a plain LM on the demo captions and the conversation templates' text (a
 minute on one CPU core). Tokenizer and model are saved with `save_pretrained` under
-$DTPCLIP_LLAVA_LM_DIR or ~/.cache/dtpclip/llava_demo_lm and loaded back with
-`from_pretrained(path)` like any local LM. Building is seeded, idempotent (a marker written
-last) and guarded by a file lock, so several ranks wait for one build.
+$DTPCLIP_LLAVA_LM_DIR or ~/.cache/dtpclip/llava_demo_lm, in a directory named by the content it is
+built from (the data file's bytes, the recipe), so an LM a run was trained with is never rebuilt
+in place by another; they load back with `from_pretrained(path)` like any local LM. Building is
+seeded, idempotent (a marker written last) and guarded by a file lock, so several ranks wait for one.
+The tokenizer adds BOS to what it encodes, as Llama's does.
 """
 import fcntl
+import hashlib
 import json
 import os
 import random
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -26,7 +29,7 @@ from llava_bridge.conversation import TEMPLATES
 
 ENV_VAR = "DTPCLIP_LLAVA_LM_DIR"
 MARKER = "COMPLETE.json"
-VERSION = 1
+VERSION = 2
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 LM_CONFIG = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=False)
@@ -37,13 +40,15 @@ def default_dir() -> Path:
 
 
 def build_tokenizer(texts: Sequence[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (as GPT-2 / Llama 3) trained on `texts`; bos <s>, eos </s>, pad <pad>."""
+    """Byte-level BPE (as GPT-2 / Llama 3) trained on `texts`; bos <s> (added when encoding), eos </s>, pad <pad>."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", model_max_length=LM_CONFIG["max_position_embeddings"])
 
@@ -88,17 +93,19 @@ def pretrain_lm(model, tokenizer, texts: Sequence[str], steps: int, batch_size: 
 
 def ensure_demo_lm(root: Optional[os.PathLike] = None, llava_json: Optional[os.PathLike] = None,
                    steps: int = 300) -> Path:
-    """The demo LM directory (tokenizer + model, `from_pretrained`-loadable), built if missing."""
-    root = Path(root) if root is not None else default_dir()
-    root.parent.mkdir(parents=True, exist_ok=True)
+    """The demo LM directory (tokenizer + model, `from_pretrained`-loadable) for `llava_json`: `root` (default:
+    `default_dir()`) / a digest of the data and the recipe; built if missing, never rebuilt in place."""
     if llava_json is None:
         from dtpclip.demo_data import ensure_demo_data
         llava_json = ensure_demo_data().llava_json
-    wanted = {"version": VERSION, "steps": steps, "config": LM_CONFIG, "data": str(llava_json)}
+    wanted = {"version": VERSION, "steps": steps, "config": LM_CONFIG,
+              "data_sha256": hashlib.sha256(Path(llava_json).read_bytes()).hexdigest()}
+    digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
+    root = (Path(root) if root is not None else default_dir()) / digest
+    root.parent.mkdir(parents=True, exist_ok=True)
     with open(str(root) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        marker = root / MARKER
-        if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        if (root / MARKER).is_file():
             return root
         records = json.loads(Path(llava_json).read_text())
         captions = [r["conversations"][1]["value"] for r in records]
@@ -114,9 +121,6 @@ def ensure_demo_lm(root: Optional[os.PathLike] = None, llava_json: Optional[os.P
         tokenizer.save_pretrained(staging)
         model.save_pretrained(staging)
         (staging / "pretrain_losses.json").write_text(json.dumps({"first": losses[:5], "last": losses[-5:]}))
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(staging, root)
-        tmp = root / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(wanted))
-        os.replace(tmp, marker)
+        (staging / MARKER).write_text(json.dumps(wanted))
+        os.replace(staging, root)  # whole or not at all: an existing root was returned above
     return root

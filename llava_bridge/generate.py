@@ -21,12 +21,28 @@ def make_arg_parser():
 ARGS = early_args(make_arg_parser, __name__)
 
 from pathlib import Path  # noqa: E402  (after the early parse, as every import below)
+from typing import List, Sequence
 
 import torch
 from PIL import Image
 
 from llava_bridge.build import image_transform, load_trained
-from llava_bridge.conversation import IMAGE_TOKEN, generation_prompt, tokenize_with_image
+from llava_bridge.conversation import IMAGE_TOKEN, Template, prompt_ids
+
+
+def answer_batch(model, tokenizer, template: Template, images: torch.Tensor, questions: Sequence[str],
+                 max_new_tokens: int = 32) -> List[str]:
+    """Greedy answers to `questions` about `images` (one each), generated as one batch: the prompts are
+    left-padded, so each answer is the one its sample gets alone."""
+    prompts = [prompt_ids(f"{IMAGE_TOKEN}\n{question}", tokenizer, template) for question in questions]
+    length = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, length - len(ids):], attention_mask[row, length - len(ids):] = torch.tensor(ids), 1
+    new = model.generate(input_ids, images, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
 def generate(checkpoint, image_path, prompt: str, max_new_tokens: int = 32) -> str:
@@ -35,12 +51,7 @@ def generate(checkpoint, image_path, prompt: str, max_new_tokens: int = 32) -> s
         raise FileNotFoundError(f"--image {str(image_path)!r} does not exist")
     with Image.open(image_path) as img:
         image = image_transform(model.vision_tower)(img.convert("RGB")).unsqueeze(0)
-    text = generation_prompt(f"{IMAGE_TOKEN}\n{prompt}", template)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    input_ids = torch.tensor([bos + tokenize_with_image(text, tokenizer)])
-    new = model.generate(input_ids, image, max_new_tokens=max_new_tokens,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(new[0], skip_special_tokens=True).strip()
+    return answer_batch(model, tokenizer, template, image, [prompt], max_new_tokens)[0]
 
 
 def main(argv=None, args=None) -> str:

@@ -4,7 +4,8 @@
 Unlike LLaVA, where every image gives the same number of tokens, an encoder here may give each
 image its own count (DTP-ViT pools into a variable number of segments; `token_mask` says which
 are real). Each image's real tokens, and only those, are spliced at its `<image>` placeholder,
-so the LM never sees a padding image token; sequences are then right-padded per sample.
+so the LM never sees a padding image token; sequences are then padded per sample: on the right for
+training, on the left for generation (each prompt's last token at the end, where generation goes on).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -68,7 +69,7 @@ class VisionTower(nn.Module):
 
 @dataclass
 class SplicedBatch:
-    """What the LM receives: embeddings, attention mask and labels, right-padded per sample."""
+    """What the LM receives: embeddings, attention mask and labels, padded per sample."""
 
     inputs_embeds: torch.Tensor  # [B, T, Dl]
     attention_mask: torch.Tensor  # [B, T] long, 1 = real
@@ -78,13 +79,17 @@ class SplicedBatch:
 
 def splice_visual_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor],
                          features: Optional[torch.Tensor], feature_mask: Optional[torch.Tensor],
-                         embed_tokens: nn.Module, max_length: Optional[int] = None) -> SplicedBatch:
+                         embed_tokens: nn.Module, max_length: Optional[int] = None,
+                         padding_side: str = "right") -> SplicedBatch:
     """Replace each sample's IMAGE_TOKEN_INDEX by its own image's real projected tokens.
 
-    input_ids / attention_mask / labels [B, L] (right-padded text); features [M, N, Dl] and
+    input_ids / attention_mask / labels [B, L] (text padded on either side); features [M, N, Dl] and
     feature_mask [M, N]: one entry per placeholder, in order of appearance over the batch
-    (text-only samples have none). Sequences longer than `max_length` are cut, as LLaVA does.
+    (text-only samples have none). Sequences longer than `max_length` are cut, as LLaVA does; the
+    result is padded on `padding_side`.
     """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     rows, row_labels, counts, image = [], [], [], 0
     for b in range(input_ids.shape[0]):
         ids = input_ids[b][attention_mask[b].bool()]
@@ -112,7 +117,8 @@ def splice_visual_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     mask = torch.zeros(len(rows), length, dtype=torch.long, device=embeds.device)
     out_labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=embeds.device)
     for b, (row, lab) in enumerate(zip(rows, row_labels)):
-        embeds[b, : row.shape[0]], mask[b, : row.shape[0]], out_labels[b, : row.shape[0]] = row, 1, lab
+        at = slice(length - row.shape[0], length) if padding_side == "left" else slice(0, row.shape[0])
+        embeds[b, at], mask[b, at], out_labels[b, at] = row, 1, lab
     return SplicedBatch(embeds, mask, out_labels if labels is not None else None, counts)
 
 
@@ -127,13 +133,13 @@ class LlavaModel(nn.Module):
         self.language_model = lm
         self.max_length = max_length
 
-    def splice(self, input_ids, attention_mask, labels=None, images=None) -> SplicedBatch:
+    def splice(self, input_ids, attention_mask, labels=None, images=None, padding_side: str = "right") -> SplicedBatch:
         features = mask = None
         if images is not None and images.shape[0]:
             tokens, mask = self.vision_tower(images)
             features = self.projector(tokens.to(self.projector_dtype))
         spliced = splice_visual_tokens(input_ids, attention_mask, labels, features, mask,
-                                       self.language_model.get_input_embeddings(), self.max_length)
+                                       self.language_model.get_input_embeddings(), self.max_length, padding_side)
         if features is None and self.training:  # a text-only batch: every rank's projector still gets a gradient
             dummy = self.projector(spliced.inputs_embeds.new_zeros(1, self.vision_tower.hidden_size))
             spliced.inputs_embeds = spliced.inputs_embeds + 0.0 * dummy.sum()
@@ -151,10 +157,12 @@ class LlavaModel(nn.Module):
         return out.logits, spliced.labels, spliced.visual_counts
 
     @torch.no_grad()
-    def generate(self, input_ids, images=None, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
-        """Greedy continuation (new token ids only) of one or more unpadded prompts."""
-        attention_mask = torch.ones_like(input_ids)
-        spliced = self.splice(input_ids, attention_mask, None, images)
+    def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens: int = 32,
+                 **kwargs) -> torch.Tensor:
+        """Greedy continuation (new token ids only) of prompts padded on either side (`attention_mask`; None:
+        unpadded); after splicing they are left-padded, so each sample continues as it would alone."""
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        spliced = self.splice(input_ids, attention_mask, None, images, padding_side="left")
         return self.language_model.generate(inputs_embeds=spliced.inputs_embeds,
                                             attention_mask=spliced.attention_mask, max_new_tokens=max_new_tokens,
                                             do_sample=False, **kwargs)

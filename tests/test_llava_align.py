@@ -134,3 +134,27 @@ def test_a_trained_model_keeps_its_own_tower(small_demo, demo_lm, tmp_path):
     assert all(torch.equal(v, expected[k]) for k, v in model.vision_tower.encoder.state_dict().items())
     (tmp_path / "clip" / "model.safetensors").unlink()
     load_trained(final)  # ... and then removed
+
+
+def test_stage2_goes_on_from_stage1s_lm_and_reads_llavas_mm_projector(small_demo, demo_lm, tmp_path):
+    stage1 = train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "s1", max_steps=1)))
+    stage2 = {k: v for k, v in flags(small_demo, demo_lm, tmp_path / "s2", stage="finetune",
+                                     pretrain_projector=str(stage1)).items() if k != "lm"}
+    assert align.resolve_defaults(AlignConfig(**stage2)).lm == str(demo_lm)
+    projector = load_file(str(stage1 / "projector.safetensors"))
+    torch.save({f"model.mm_projector.{k}": v for k, v in projector.items()}, tmp_path / "mm_projector.bin")
+    model, _ = align.build_model(align.resolve_defaults(AlignConfig(**{
+        **stage2, "pretrain_projector": str(tmp_path / "mm_projector.bin")})))
+    assert all(torch.equal(model.projector.state_dict()[k], v) for k, v in projector.items())
+
+
+def test_the_demo_lm_is_named_by_its_data_and_never_rebuilt_in_place(small_demo, tmp_path):
+    from llava_bridge.demo_lm import ensure_demo_lm
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(json.loads(small_demo.llava_json.read_text())[:40]))
+    first = ensure_demo_lm(tmp_path / "lms", small_demo.llava_json, steps=2)
+    written = (first / "model.safetensors").stat().st_mtime_ns
+    second = ensure_demo_lm(tmp_path / "lms", fewer, steps=2)
+    assert second != first and second.parent == first.parent
+    assert ensure_demo_lm(tmp_path / "lms", small_demo.llava_json, steps=2) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == written

@@ -1,4 +1,5 @@
 """LLaVA json data: image and text-only records in one batch; placeholder/image mismatches are named."""
+import dataclasses
 import json
 
 import pytest
@@ -44,3 +45,24 @@ def test_image_without_placeholder_is_named_before_training(tmp_path, small_demo
                                                                   {"from": "gpt", "value": "a circle."}]}
     with pytest.raises(ValueError, match=r"record 0 \(id 'x7'\) has 0 <image> placeholders and an image"):
         write(tmp_path, small_demo, tokenizer, [record])
+
+
+def test_a_sample_that_cannot_train_is_masked_and_counted_not_fatal(tmp_path, small_demo, tokenizer):
+    demo = json.loads(small_demo.llava_json.read_text())[0]
+    broken = tmp_path / "images" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a png")
+    records = [demo, {**demo, "id": "bad", "image": str(broken)}]
+    dataset = write(tmp_path, small_demo, tokenizer, records)
+    good, bad = dataset[0], dataset[1]
+    assert (good["labels"] != IGNORE_INDEX).any()
+    assert (bad["labels"] == IGNORE_INDEX).all() and bad["image"].shape[0] == 3  # a black stand-in, transformed
+    counts = dataset.counts.snapshot()
+    assert counts.seen == 2 and counts.skipped == {"untokenizable": 0, "undecodable_image": 1}
+    # the separator on the prompt side: byte-level BPE glues the space to the answer's first word
+    glued = dataclasses.replace(get_template("vicuna_v1"), turn_prompt="USER: {question} ASSISTANT: ",
+                                turn_answer="{answer}{eos}")
+    dataset = LlavaJsonDataset(tmp_path / "data.json", small_demo.llava_images, tokenizer, glued, transforms.ToTensor())
+    sample = dataset[0]
+    assert (sample["labels"] == IGNORE_INDEX).all() and sample["input_ids"].numel() > 0
+    assert dataset.counts.snapshot().skipped["untokenizable"] == 1

@@ -110,3 +110,19 @@ def test_tome_tower_splices_the_merged_token_count(images):
     model = LlavaModel(VisionTower(encoder), tiny_lm(), "linear")
     input_ids = torch.tensor([[3, IMAGE_TOKEN_INDEX, 4]] * 3)
     assert model.splice(input_ids, torch.ones_like(input_ids), None, images).visual_counts == [64 - 32] * 3
+
+
+def test_batched_generation_equals_each_sample_alone(images):
+    """Prompts of different lengths and images of different token counts (DTP) in one batch: left padding
+    after the splice gives each sample the tokens it gets alone."""
+    model = LlavaModel(VisionTower(varying_dtp()), tiny_lm(), "mlp2x_gelu").eval()
+    prompts = [[3, IMAGE_TOKEN_INDEX, 4], [5, 6, 7, IMAGE_TOKEN_INDEX, 8], [9, IMAGE_TOKEN_INDEX, 10, 11]]
+    alone = [model.generate(torch.tensor([p]), images[i:i + 1], max_new_tokens=6, pad_token_id=PAD)[0].tolist()
+             for i, p in enumerate(prompts)]
+    length = max(map(len, prompts))
+    input_ids = torch.full((3, length), PAD)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):  # right-padded text: the splice re-pads on the left
+        input_ids[row, :len(ids)], attention_mask[row, :len(ids)] = torch.tensor(ids), 1
+    batched = model.generate(input_ids, images, attention_mask=attention_mask, max_new_tokens=6, pad_token_id=PAD)
+    assert batched.tolist() == alone
