@@ -24,10 +24,10 @@ class VisionTower(nn.Module):
 
     select_feature: 'patch' drops the prefix (CLS) tokens, 'cls_patch' keeps them (LLaVA's
     mm_vision_select_feature). select_layer (LLaVA's mm_vision_select_layer): -1 is the encoder
-    contract's output (`encode(images).tokens`, final-normed) and works for every family; -k
-    (k >= 2) is the hidden state after block depth + 1 - k, before the final norm, as LLaVA reads
-    CLIP's hidden_states[-k] (the contract's `hidden_tokens`); encoders whose token set changes inside
-    the trunk (`hidden_layers_readable = False`: DTP-ViT, token-merged ViTs) take -1 only.
+    contract's output (`encode(images).tokens`, final-normed); -k (k >= 2) is the output of the
+    first depth + 1 - k blocks, before the final norm, as LLaVA reads CLIP's hidden_states[-k] (LLaVA-1.5:
+    -2), for every family through timm's `forward_intermediates`: the tokens those blocks really hold
+    (DTP: the pooled segments with their mask; ToMe: the merged tokens).
     """
 
     def __init__(self, encoder: nn.Module, select_layer: int = -1, select_feature: str = "patch"):
@@ -35,12 +35,8 @@ class VisionTower(nn.Module):
         if select_feature not in SELECT_FEATURES:
             raise ValueError(f"select_feature must be one of {SELECT_FEATURES}, got {select_feature!r}")
         depth = len(encoder.blocks)
-        if select_layer != -1:
-            if not getattr(encoder, "hidden_layers_readable", False):
-                raise ValueError(f"select_layer={select_layer} reads a hidden state of the encoder's blocks; "
-                                 f"{type(encoder).__name__} defines only its last block's tokens: use -1")
-            if not -depth <= select_layer <= -1:
-                raise ValueError(f"select_layer must be in [-{depth}, -1] for a {depth}-block ViT, got {select_layer}")
+        if not -depth <= select_layer <= -1:
+            raise ValueError(f"select_layer must be in [-{depth}, -1] for a {depth}-block ViT, got {select_layer}")
         self.encoder, self.select_layer, self.select_feature = encoder, select_layer, select_feature
         self.encoder.requires_grad_(False)
         self.encoder.eval()
@@ -55,14 +51,19 @@ class VisionTower(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.encoder.patch_embed.proj.weight.dtype)
+        prefix = self.encoder.num_prefix_tokens
         if self.select_layer == -1:
             out = self.encoder.encode(images)
             tokens, mask = out.tokens, out.token_mask
         else:
-            tokens = self.encoder.hidden_tokens(images, len(self.encoder.blocks) + 1 + self.select_layer)
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            block = len(self.encoder.blocks) + self.select_layer  # the block whose output is hidden_states[-k]
+            out = self.encoder.forward_intermediates(images, indices=[block], return_prefix_tokens=True,
+                                                     output_fmt="NLC", intermediates_only=True, output_dict=True)
+            patches, patch_mask = out["image_intermediates"][0], out["image_intermediates_mask"][0]
+            prefix_tokens = out.get("image_intermediates_prefix", [patches[:, :0]])[0]
+            tokens = torch.cat([prefix_tokens, patches], dim=1)
+            mask = torch.cat([patch_mask.new_ones(prefix_tokens.shape[:2]), patch_mask], dim=1)
         if self.select_feature == "patch":
-            prefix = self.encoder.num_prefix_tokens
             tokens, mask = tokens[:, prefix:], mask[:, prefix:]
         return tokens, mask
 

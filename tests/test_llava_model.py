@@ -87,11 +87,18 @@ def test_select_layer_minus_two_is_the_hidden_state_after_the_second_last_block(
     assert torch.equal(with_cls, encoder.encode(images).tokens)
 
 
-def test_select_layer_is_refused_where_the_tokens_change_inside_the_trunk():
-    with pytest.raises(ValueError, match="DTPViT defines only its last block's tokens: use -1"):
-        VisionTower(tiny("dtp_vit_tiny_patch8_64"), select_layer=-2)
+def test_select_layer_minus_two_of_dtp_is_its_pooled_segments_with_their_mask(images):
+    encoder = varying_dtp()
+    tokens, mask = VisionTower(encoder, select_layer=-2)(images)
+    reference = encoder.forward_intermediates(images, indices=[len(encoder.blocks) - 2], output_fmt="NLC",
+                                              intermediates_only=True, output_dict=True)
+    assert torch.equal(tokens, reference["image_intermediates"][0])
+    assert torch.equal(mask, reference["image_intermediates_mask"][0])
+    assert torch.equal(mask, encoder.encode(images).token_mask[:, encoder.num_prefix_tokens:])  # same pooling
     with pytest.raises(ValueError, match="select_feature must be one of"):
         VisionTower(tiny(), select_feature="cls")
+    with pytest.raises(ValueError, match=r"select_layer must be in \[-4, -1\]"):
+        VisionTower(tiny(), select_layer=-5)
 
 
 def test_projectors_map_vision_width_to_lm_width():

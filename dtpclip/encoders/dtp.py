@@ -108,7 +108,6 @@ class DTPViT(PlainViT):
     fresh_parameter_prefixes = ("boundary_predictor.",)
     has_aux_loss = True  # the boundary loss
     mergeable = False  # it pools its own tokens into variable-length segments
-    hidden_layers_readable = False  # the token set changes after `pre_layers`
 
     def __init__(self, compression: float = 0.25, pre_layers: int = 2, temperature: float = 0.5,
                  threshold: float = 0.5, eval_boundaries: str = "expected", predictor_hidden_dim=None,
@@ -207,11 +206,10 @@ class DTPViT(PlainViT):
         stop = max(take) + 1 if stop_early else len(self.blocks)
         taken, masks = {}, {}
         tokens = self._embed(x)
-        grid_mask = tokens.new_ones(tokens.shape[:2], dtype=torch.bool)
         for index in range(min(stop, self.pre_layers)):
             tokens = self._run_block(self.blocks[index], tokens)
             if index in take:
-                taken[index], masks[index] = (self.norm(tokens) if norm else tokens), grid_mask
+                taken[index] = self.norm(tokens) if norm else tokens
         if stop > self.pre_layers:
             tokens, token_mask, _ = self._pool_segments(tokens)
             tokens, shortened = self._forward_shortened(tokens, token_mask, take, norm, stop)
@@ -219,24 +217,8 @@ class DTPViT(PlainViT):
             masks.update(dict.fromkeys(shortened, token_mask))
         else:
             tokens = self.norm(tokens)
-        prefix = self.num_prefix_tokens
-        intermediates = [taken[i][:, prefix:] for i in take]
-        prefix_tokens = [taken[i][:, :prefix] for i in take]
-        if output_fmt == "NCHW":
-            height, width = self.patch_embed.dynamic_feat_size(x.shape[-2:])
-            intermediates = [t.reshape(len(t), height, width, -1).permute(0, 3, 1, 2).contiguous()
-                             for t in intermediates]
-        if output_dict:
-            result = {"image_intermediates": intermediates,
-                      "image_intermediates_mask": [masks[i][:, prefix:] for i in take]}
-            if return_prefix_tokens and prefix:
-                result["image_intermediates_prefix"] = prefix_tokens
-            if not intermediates_only:
-                result["image_features"] = tokens
-            return result
-        if return_prefix_tokens and prefix:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        return intermediates if intermediates_only else (tokens, intermediates)
+        return self.assemble_intermediates(x, take, taken, masks, tokens, return_prefix_tokens, output_fmt,
+                                           intermediates_only, output_dict)
 
     def forward_features(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:

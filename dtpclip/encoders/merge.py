@@ -258,7 +258,6 @@ class _ToMeEncoder:
     """Mixed in before the encoder's class: size-weighted 'avg' pooling and a token-count stat."""
 
     _tome_info: dict
-    hidden_layers_readable = False  # merged token sets differ from block to block
 
     def forward_features(self, *args, **kwargs):
         if self.grad_checkpointing and torch.is_grad_enabled() and any(self._tome_info["r"]):

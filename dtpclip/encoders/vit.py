@@ -49,8 +49,6 @@ class PlainViT(VisionTransformer):
       fresh_parameter_prefixes  parameters a CLIP checkpoint cannot hold (they keep their init)
       mergeable                 token merging (ToMe, LGTM) may patch its blocks
       quantizable               low-bit quantization (LSQ, PTQ) may patch its blocks' Linears and attention
-      hidden_layers_readable    `hidden_tokens(images, layer)` gives block `layer`'s tokens (LLaVA's
-                                select_layer); False where the token set changes inside the trunk
       grid_layers               leading blocks whose output is the patch grid (NCHW `forward_intermediates`);
                                 past them timm's feature API gives the tokens the blocks really hold (NLC)
       token_groups(images)      which output token each patch ends in, for the visualiser
@@ -62,7 +60,6 @@ class PlainViT(VisionTransformer):
     fresh_parameter_prefixes: Tuple[str, ...] = ()
     mergeable = True
     quantizable = True
-    hidden_layers_readable = True
     has_aux_loss = False
 
     def __init__(self, **kwargs):
@@ -102,10 +99,25 @@ class PlainViT(VisionTransformer):
         """How many leading blocks still output the patch grid (timm's NCHW feature maps exist for those)."""
         return len(self.blocks)
 
-    def forward_intermediates(self, x: torch.Tensor, indices=None, *args, output_fmt: str = "NCHW", **kwargs):
-        """timm's per-block features, as the blocks compute them; NCHW maps only for blocks that keep the grid."""
-        self.check_feature_format(indices, output_fmt)
-        return super().forward_intermediates(x, indices, *args, output_fmt=output_fmt, **kwargs)
+    def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, output_dict: bool = False):
+        """timm's per-block features (timm's signature and outputs), as `forward_features` computes them: each
+        taken block's output is caught by a hook, so a family that changes its tokens between blocks (ToMe's
+        merges, a pruning step) gives the tokens its blocks really hold. NCHW maps only for blocks that keep
+        the grid. `stop_early` is accepted and runs all blocks."""
+        take = self.check_feature_format(indices, output_fmt)
+        taken = {}
+        hooks = [self.blocks[i].register_forward_hook(lambda module, args, out, i=i: taken.__setitem__(i, out))
+                 for i in take]
+        try:
+            final = self.forward_features(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        taken = {i: self.norm(t) if norm else t for i, t in taken.items()}
+        return self.assemble_intermediates(x, take, taken, {}, final, return_prefix_tokens, output_fmt,
+                                           intermediates_only, output_dict)
 
     def check_feature_format(self, indices, output_fmt: str) -> List[int]:
         """The absolute block indices `indices` takes; a ValueError if NCHW maps are asked of gridless blocks."""
@@ -116,12 +128,30 @@ class PlainViT(VisionTransformer):
                              f"{tuple(self.patch_embed.grid_size)} patch grid: ask for output_fmt='NLC' (token lists)")
         return take
 
-    def hidden_tokens(self, images: torch.Tensor, layer: int) -> torch.Tensor:
-        """Tokens after the first `layer` blocks, before the final norm (CLIP's hidden_states[layer])."""
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
-        for block in self.blocks[:layer]:
-            x = block(x)
-        return x
+    def assemble_intermediates(self, images, take: List[int], taken: dict, masks: dict, final: torch.Tensor,
+                               return_prefix_tokens: bool, output_fmt: str, intermediates_only: bool,
+                               output_dict: bool):
+        """timm's outputs of `forward_intermediates` from block index -> tokens [B, N, D] (prefix first) and, where
+        padded, block index -> token mask [B, N]; the dict output also holds 'image_intermediates_mask'."""
+        prefix = self.num_prefix_tokens
+        intermediates = [taken[i][:, prefix:] for i in take]
+        prefix_tokens = [taken[i][:, :prefix] for i in take]
+        patch_masks = [masks[i][:, prefix:] if i in masks else
+                       torch.ones(t.shape[:2], dtype=torch.bool, device=t.device) for i, t in zip(take, intermediates)]
+        if output_fmt == "NCHW":
+            height, width = self.patch_embed.dynamic_feat_size(images.shape[-2:])
+            intermediates = [t.reshape(len(t), height, width, -1).permute(0, 3, 1, 2).contiguous()
+                             for t in intermediates]
+        if output_dict:
+            result = {"image_intermediates": intermediates, "image_intermediates_mask": patch_masks}
+            if return_prefix_tokens and prefix:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = final
+            return result
+        if return_prefix_tokens and prefix:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        return intermediates if intermediates_only else (final, intermediates)
 
     @torch.no_grad()
     def token_groups(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
