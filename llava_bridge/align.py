@@ -23,14 +23,15 @@ import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import AutoConfig, get_cosine_schedule_with_warmup
+from transformers.integrations import HfDeepSpeedConfig
 
 from dtpclip import checkpointing
 from dtpclip.checkpoint import load_checked, read_state_dict
@@ -75,7 +76,7 @@ def deepspeed_config(path, cfg: AlignConfig, world: int, bf16: bool, hidden: int
                          "AdamW (DeepSpeed's would first compile its C++ CPU Adam)")
     fills = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
              "train_batch_size": cfg.batch_size * cfg.grad_accum * world, "gradient_clipping": cfg.grad_clip,
-             "bf16.enabled": bf16, "fp16.enabled": False, "zero_optimization.reduce_bucket_size": hidden * hidden,
+             "bf16.enabled": bf16, "fp16.enabled": cfg.precision == "fp16", "zero_optimization.reduce_bucket_size": hidden * hidden,
              "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
              "zero_optimization.stage3_param_persistence_threshold": 10 * hidden}
 
@@ -102,6 +103,47 @@ def epoch_batches(num_samples: int, micro: int, rank: int, world: int, seed: int
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     size = micro * world
     return [order[k * size + rank * micro: k * size + (rank + 1) * micro] for k in range(num_samples // size)]
+
+
+def modality_batches(lengths: Sequence[int], micro: int, rank: int, world: int, seed: int, epoch: int):
+    """LLaVA's group_by_modality_length (llava_trainer.py, get_modality_length_grouped_indices): each global
+    batch holds image samples only (length > 0) or text-only ones only (length < 0), the samples of one
+    modality shuffled then sorted by length within each global batch, the batches shuffled. The sorted
+    batch is dealt to the ranks in turn (rank r: positions r, r + world, ...), so they get similar lengths;
+    LLaVA balances them greedily and keeps each modality's last, partial batch, where this drops it."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    size = micro * world
+    global_batches = []
+    for members in ([i for i, n in enumerate(lengths) if n > 0], [i for i, n in enumerate(lengths) if n < 0]):
+        order = [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
+        for k in range(len(order) // size):
+            global_batches.append(sorted(order[k * size:(k + 1) * size], key=lambda i: -abs(lengths[i])))
+    shuffled = torch.randperm(len(global_batches), generator=generator).tolist()
+    return [global_batches[k][rank::world] for k in shuffled]
+
+
+def batch_schedule(cfg: AlignConfig, dataset, rank: int, world: int) -> Callable[[int], List[List[int]]]:
+    """epoch -> this rank's micro batches of it (the same count every epoch)."""
+    if cfg.group_by_modality_length:
+        lengths = dataset.modality_lengths
+        return lambda epoch: modality_batches(lengths, cfg.batch_size, rank, world, cfg.seed, epoch)
+    return lambda epoch: epoch_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)
+
+
+def param_groups(model: LlavaModel, cfg: AlignConfig) -> List[dict]:
+    """The trainable parameters as HF Trainer groups them for LLaVA: no weight decay on biases and norm
+    weights (the 1-dim ones), and the projector at --mm-projector-lr when given (LLaVA's create_optimizer)."""
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        projector = name.startswith("projector.") and cfg.mm_projector_lr is not None
+        decay = param.ndim >= 2
+        if (projector, decay) not in groups:
+            groups[projector, decay] = {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                                        **({"lr": cfg.mm_projector_lr} if projector else {})}
+        groups[projector, decay]["params"].append(param)
+    return list(groups.values())
 
 
 def token_loss(logits, labels, world: int):
@@ -137,11 +179,13 @@ def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
     return cfg
 
 
-def build_model(cfg: AlignConfig):
-    """(LlavaModel with only the stage's parameters trainable, tokenizer)."""
+def build_model(cfg: AlignConfig, lm_dtype: torch.dtype = torch.float32):
+    """(LlavaModel with only the stage's parameters trainable, tokenizer); the LM is loaded in `lm_dtype`."""
     tower = build.build_vision_tower(cfg.encoder, cfg.encoder_checkpoint, cfg.select_layer, cfg.select_feature,
                                      cfg.transforms, cfg.seed, **cfg.model_kwargs)
-    lm, tokenizer = build.load_lm(cfg.lm)
+    lm, tokenizer = build.load_lm(cfg.lm, lm_dtype)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)
     model = LlavaModel(tower, lm, cfg.projector, cfg.max_length)
     if cfg.pretrain_projector:  # a stage-1 run directory, its final/, or a projector file
@@ -195,7 +239,8 @@ def save_final(engine, cfg: AlignConfig, tokenizer, rank: int) -> Optional[Path]
     config = {"stage": cfg.stage, "encoder": cfg.encoder, "encoder_checkpoint": cfg.encoder_checkpoint,
               "model_kwargs": cfg.model_kwargs, "transforms": cfg.transforms, "tower_structure": structure,
               "select_layer": cfg.select_layer, "select_feature": cfg.select_feature,
-              "projector": cfg.projector, "lm": lm_path, "template": cfg.template, "max_length": cfg.max_length}
+              "projector": cfg.projector, "lm": lm_path, "template": cfg.template, "max_length": cfg.max_length,
+              "image_aspect_ratio": cfg.image_aspect_ratio}
     (staging / build.CONFIG_FILE).write_text(json.dumps(config, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -247,20 +292,28 @@ def _train(cfg: AlignConfig) -> Optional[Path]:
         torch.cuda.set_device(device)
     rank, world = init_distributed(device)
     cfg = resolve_defaults(cfg)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a GPU (DeepSpeed's fp16 loss scaling); on CPU use fp32")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    model, tokenizer = build_model(cfg)
+    lm_config = AutoConfig.from_pretrained(cfg.lm, local_files_only=True)
+    ds_config = deepspeed_config(cfg.deepspeed_config, cfg, world, bf16, lm_config.hidden_size)
+    # Alive while the LM loads: under ZeRO-3, from_pretrained then builds it inside deepspeed.zero.Init, each
+    # rank holding its shard only, as LLaVA's Trainer does (the HF integration reads this object).
+    zero3 = HfDeepSpeedConfig(ds_config) if ds_config.get("zero_optimization", {}).get("stage") == 3 else None
+    dtype = torch.bfloat16 if bf16 else torch.float16 if cfg.precision == "fp16" else torch.float32
+    model, tokenizer = build_model(cfg, dtype)
     dataset = LlavaJsonDataset(cfg.data_path, cfg.image_folder, tokenizer, get_template(cfg.template),
-                               build.image_transform(model.vision_tower), cfg.max_samples)
-    batches_per_epoch = len(dataset) // (cfg.batch_size * world)
+                               build.image_transform(model.vision_tower, cfg.image_aspect_ratio), cfg.max_samples)
+    schedule = batch_schedule(cfg, dataset, rank, world)
+    batches_per_epoch = len(schedule(0))
     if batches_per_epoch < cfg.grad_accum:
         raise ValueError(f"{cfg.data_path}: {len(dataset)} samples make no full global batch of "
-                         f"{cfg.batch_size * world * cfg.grad_accum}")
+                         f"{cfg.batch_size * world * cfg.grad_accum}"
+                         + (" of one modality" if cfg.group_by_modality_length else ""))
     total = cfg.epochs * batches_per_epoch // cfg.grad_accum
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total, cfg.warmup_ratio), total)
-    ds_config = deepspeed_config(cfg.deepspeed_config, cfg, world, bf16, model.language_model.config.hidden_size)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
     step = 0
@@ -286,7 +339,7 @@ def _train(cfg: AlignConfig) -> Optional[Path]:
     micro = step * cfg.grad_accum
     while step < total:
         epoch, offset = divmod(micro, batches_per_epoch)
-        batches = epoch_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)[offset:]
+        batches = schedule(epoch)[offset:]
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=cfg.workers)
         for batch in loader:
             batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}

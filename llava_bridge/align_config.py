@@ -11,9 +11,10 @@ STAGES = {"pretrain": dict(lr=1e-3, template="plain", batch_size=32),
           "finetune": dict(lr=2e-5, template="vicuna_v1", batch_size=16)}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "launch" / "configs"
 SELECT_FEATURES = ("patch", "cls_patch")  # LLaVA's mm_vision_select_feature: drop the CLS token, or keep it
+ASPECT_RATIOS = ("pad", "crop")  # LLaVA's image_aspect_ratio: pad to a square first, or resize and center-crop
 PROJECTORS = ("mlp2x_gelu", "linear")
-TEMPLATE_NAMES = ("plain", "vicuna_v1")
-DEMO_ENCODER = "dtp_vit_tiny_patch16_64_4x"  # the demo CLIP's tower  # llava_bridge.conversation.TEMPLATES holds them
+TEMPLATE_NAMES = ("plain", "vicuna_v1")  # llava_bridge.conversation.TEMPLATES holds them
+DEMO_ENCODER = "dtp_vit_tiny_patch16_64_4x"  # the demo CLIP's tower
 
 
 @dataclass
@@ -53,8 +54,19 @@ class AlignConfig:
     max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many optimizer steps", "min": 1})
     max_samples: Optional[int] = field(default=None, metadata={"help": "use the first N records only", "min": 1})
     max_length: int = field(default=2048, metadata={"help": "LM sequence cut (after splicing)", "min": 1})
-    precision: str = field(default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU",
-                                                     "choices": ("auto", "bf16", "fp32")})
+    precision: str = field(default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU; fp16 (GPU only) with "
+                                                             "DeepSpeed's loss scaling",
+                                                     "choices": ("auto", "bf16", "fp16", "fp32")})
+    image_aspect_ratio: str = field(default="pad", metadata={
+        "help": "pad: to a square of the mean colour, then resize (LLaVA-1.5); crop: resize and center-crop",
+        "choices": ASPECT_RATIOS})
+    mm_projector_lr: Optional[float] = field(default=None, metadata={
+        "help": "the projector's own learning rate (LLaVA's --mm_projector_lr); default: --lr"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute the LM's activations in backward (LLaVA's --gradient_checkpointing)"})
+    group_by_modality_length: bool = field(default=False, metadata={
+        "help": "every global batch all image or all text-only samples, of similar length (LLaVA's "
+                "--group_by_modality_length)"})
     seed: int = field(default=0, metadata={"help": "data order and fresh weights"})
     workers: int = field(default=1, metadata={"help": "data loader processes per rank", "min": 0})
     log_every: int = field(default=10, metadata={"help": "log every N optimizer steps", "min": 1})

@@ -11,11 +11,14 @@ A trained model is a directory (`<run>/final`) holding
 import json
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import timm
 import torch
+from PIL import Image
+from torchvision import transforms
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,6 +27,7 @@ from dtpclip.encoders.quant import quant_config
 from dtpclip.evaluate import registry_name
 from dtpclip.factory import apply_transforms, create_encoder, restore_structure
 from dtpclip.registry import parse_transform, transform_info
+from llava_bridge.align_config import ASPECT_RATIOS
 from llava_bridge.conversation import Template, get_template
 from llava_bridge.model import LlavaModel, VisionTower
 
@@ -80,9 +84,33 @@ def build_vision_tower(encoder: str, checkpoint: Optional[str], select_layer: in
     return VisionTower(model, select_layer, select_feature)
 
 
-def image_transform(tower: VisionTower):
+def expand_to_square(image: Image.Image, background: Tuple[int, ...]) -> Image.Image:
+    """`image` centred on a square of its longer side filled with `background` (LLaVA's expand2square)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def image_transform(tower: VisionTower, image_aspect_ratio: str = "crop"):
+    """The tower's eval transform (resize, center crop, normalise); 'pad' squares the image first with the
+    normalisation mean as background, so nothing is cropped away (LLaVA-1.5's image_aspect_ratio)."""
+    if image_aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {image_aspect_ratio!r}")
     cfg = timm.data.resolve_data_config({}, model=tower.encoder)
-    return timm.data.create_transform(**cfg, is_training=False)
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    if image_aspect_ratio == "crop":
+        return transform
+    background = tuple(int(mean * 255) for mean in cfg["mean"])
+    return transforms.Compose([partial(expand_to_square, background=background), transform])
+
+
+def trained_transform(model: LlavaModel, config: dict):
+    """The image transform a trained directory's model was trained with (configs before the option: crop)."""
+    return image_transform(model.vision_tower, config.get("image_aspect_ratio", "crop"))
 
 
 def load_lm(path, dtype: torch.dtype = torch.float32):

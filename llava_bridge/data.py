@@ -69,6 +69,15 @@ class LlavaJsonDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def modality_lengths(self) -> List[int]:
+        """Per record its words, negative when text-only (LLaVA's modality_lengths, for group_by_modality_length)."""
+        lengths = []
+        for record in self.records:
+            words = sum(len(turn["value"].split()) for turn in record["conversations"])
+            lengths.append(words if "image" in record else -words)
+        return lengths
+
     def __getitem__(self, index: int) -> Dict[str, Optional[torch.Tensor]]:
         record = self.records[index]
         where = f"{self.source} record {index} (id {record.get('id')!r})"

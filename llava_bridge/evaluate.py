@@ -49,7 +49,7 @@ from dtpclip.checkpoint import write_json
 from dtpclip.checkpointing import runs_root
 from dtpclip.evalsets import load_eval_set
 from dtpclip.evaluate import demo_eval_dir
-from llava_bridge.build import CONFIG_FILE, image_transform, load_trained, trained_dir
+from llava_bridge.build import CONFIG_FILE, load_trained, trained_dir, trained_transform
 from llava_bridge.generate import answer_batch
 
 
@@ -75,10 +75,10 @@ def batched(items: Iterable, size: int) -> Iterable[list]:
         yield batch
 
 
-def evaluate_labelled(model, tokenizer, template, data, question: str, batch_size: int, max_new_tokens: int,
-                      limit: Optional[int] = None, examples: int = 6) -> dict:
+def evaluate_labelled(model, tokenizer, template, transform, data, question: str, batch_size: int,
+                      max_new_tokens: int, limit: Optional[int] = None, examples: int = 6) -> dict:
     """Accuracy of the answers about a labelled eval set (see the module doc)."""
-    evalset = load_eval_set(data, image_transform(model.vision_tower))
+    evalset = load_eval_set(data, transform)
     samples = itertools.islice(evalset.dataset, limit)
     labels: List[int] = []
     answers: List[str] = []
@@ -96,15 +96,14 @@ def evaluate_labelled(model, tokenizer, template, data, question: str, batch_siz
                          for a, y, r in list(zip(answers, labels, right))[:examples]]}
 
 
-def answer_questions(model, tokenizer, template, questions_file, image_folder, answers_file, model_id: str,
-                     batch_size: int, max_new_tokens: int, limit: Optional[int] = None) -> dict:
+def answer_questions(model, tokenizer, template, transform, questions_file, image_folder, answers_file,
+                     model_id: str, batch_size: int, max_new_tokens: int, limit: Optional[int] = None) -> dict:
     """LLaVA-Bench style: answer each question of a jsonl into a new answers jsonl (see the module doc)."""
     answers_path = Path(answers_file)
     if answers_path.exists():
         raise FileExistsError(f"--answers {str(answers_path)!r} already exists: choose a new file")
     questions = [json.loads(line) for line in Path(questions_file).read_text().splitlines() if line.strip()]
     questions = questions[:limit]
-    transform = image_transform(model.vision_tower)
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     partial = answers_path.with_name(answers_path.name + ".partial")
     with partial.open("w") as out:
@@ -131,13 +130,14 @@ def main(argv=None, args=None) -> dict:
     if args.questions and not (args.image_folder and args.answers):
         raise ValueError("--questions needs --image-folder (where its images are) and --answers (a new jsonl)")
     checkpoint = trained_dir(args.checkpoint) if args.checkpoint else newest_trained()
-    model, tokenizer, template, _ = load_trained(checkpoint)
+    model, tokenizer, template, config = load_trained(checkpoint)
+    transform = trained_transform(model, config)
     if args.questions:
-        result = answer_questions(model, tokenizer, template, args.questions, args.image_folder, args.answers,
-                                  str(checkpoint), args.batch_size, args.max_new_tokens, args.limit)
+        result = answer_questions(model, tokenizer, template, transform, args.questions, args.image_folder,
+                                  args.answers, str(checkpoint), args.batch_size, args.max_new_tokens, args.limit)
     else:
-        result = evaluate_labelled(model, tokenizer, template, args.data or demo_eval_dir(), args.question,
-                                   args.batch_size, args.max_new_tokens, args.limit, args.examples)
+        result = evaluate_labelled(model, tokenizer, template, transform, args.data or demo_eval_dir(),
+                                   args.question, args.batch_size, args.max_new_tokens, args.limit, args.examples)
         print(f"{checkpoint}: answer accuracy {result['accuracy']:.3f} on {result['n']} images ({template.name}: "
               f"{args.question!r})")
         for example in result["examples"]:

@@ -26,7 +26,7 @@ from typing import List, Sequence
 import torch
 from PIL import Image
 
-from llava_bridge.build import image_transform, load_trained
+from llava_bridge.build import load_trained, trained_transform
 from llava_bridge.conversation import IMAGE_TOKEN, Template, prompt_ids
 
 
@@ -46,11 +46,11 @@ def answer_batch(model, tokenizer, template: Template, images: torch.Tensor, que
 
 
 def generate(checkpoint, image_path, prompt: str, max_new_tokens: int = 32) -> str:
-    model, tokenizer, template, _ = load_trained(checkpoint)
+    model, tokenizer, template, config = load_trained(checkpoint)
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"--image {str(image_path)!r} does not exist")
     with Image.open(image_path) as img:
-        image = image_transform(model.vision_tower)(img.convert("RGB")).unsqueeze(0)
+        image = trained_transform(model, config)(img.convert("RGB")).unsqueeze(0)
     return answer_batch(model, tokenizer, template, image, [prompt], max_new_tokens)[0]
 
 

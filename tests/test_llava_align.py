@@ -104,13 +104,23 @@ def test_optimizer_block_in_deepspeed_config_is_refused(tmp_path):
     assert filled["zero_optimization"]["reduce_bucket_size"] == 64 * 64
 
 
-def test_zero3_gives_the_losses_and_projector_of_zero2(small_demo, demo_lm, tmp_path):
+def test_zero3_gives_the_losses_and_projector_of_zero2(small_demo, demo_lm, tmp_path, monkeypatch):
+    """... and loads the LM already partitioned (inside zero.Init, as LLaVA's Trainer does)."""
+    from llava_bridge import build
     linear = torch.nn.functional.linear
+    load_lm, partitioned = build.load_lm, {}
+
+    def spy(path, dtype=torch.float32):
+        lm, tokenizer = load_lm(path, dtype)
+        partitioned[len(partitioned)] = all(hasattr(p, "ds_id") for p in lm.parameters())
+        return lm, tokenizer
+    monkeypatch.setattr(build, "load_lm", spy)
     runs = {}
     for stage in ("zero2", "zero3"):
         final = train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / stage, max_steps=3,
                                           deepspeed_config=str(ROOT / "launch" / "configs" / f"{stage}.json"))))
         runs[stage] = losses(tmp_path / stage), load_file(str(final / "projector.safetensors"))
+    assert partitioned == {0: False, 1: True}
     assert runs["zero3"][0] == pytest.approx(runs["zero2"][0], abs=1e-5)
     assert torch.nn.functional.linear is linear  # ZeRO-3's process-wide patch is undone
     for name, weight in runs["zero2"][1].items():
