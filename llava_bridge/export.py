@@ -1,11 +1,14 @@
 """Export a trained model as a Hugging Face directory that loads offline:
 
-    python -m llava_bridge.export --checkpoint RUN/final --out DIR
-    AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)
+    python -m llava_bridge.export --checkpoint RUN/final --out DIR [--format auto|stock|remote]
 
-The directory holds config.json (auto_map to the copied hf_model.py), model.safetensors and the
-tokenizer. Input ids carry IMAGE_TOKEN_INDEX (-200) placeholders (llava_bridge.conversation),
-pixel_values one image per placeholder.
+stock (auto's choice where the model allows it: a plain-ViT tower read at select_layer <= -2, the
+mlp2x_gelu projector; llava_bridge.stock_export): transformers' own LlavaForConditionalGeneration and
+LlavaProcessor, so `pipeline("image-text-to-text", model=DIR)` answers with no dtpclip installed.
+remote (every other tower: DTP, merged, quantized): config.json with auto_map to the copied
+hf_model.py, model.safetensors and the tokenizer, for
+`AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`; input ids carry
+IMAGE_TOKEN_INDEX (-200) placeholders (llava_bridge.conversation), pixel_values one image per placeholder.
 """
 from dtpclip.cli import early_args, make_parser, parse_args, run_main
 
@@ -14,6 +17,8 @@ def make_arg_parser():
     parser = make_parser(__doc__.splitlines()[0], "python -m llava_bridge.export")
     parser.add_argument("--checkpoint", required=True, help="a llava_align run directory or its final/")
     parser.add_argument("--out", required=True, help="export directory (must not exist yet, or be empty)")
+    parser.add_argument("--format", default="auto", choices=("auto", "stock", "remote"),
+                        help="stock transformers LLaVA, remote code, or auto: stock where the model allows it")
     return parser
 
 
@@ -23,19 +28,37 @@ ARGS = early_args(make_arg_parser, __name__)
 import os  # noqa: E402  (after the early parse, as every import below)
 import shutil
 from pathlib import Path
+from typing import Tuple
 
 from llava_bridge.hf_model import DtpLlavaConfig, DtpLlavaForConditionalGeneration
+from llava_bridge.stock_export import export_stock, stock_refusal
 
 
-def export_hf(model, tokenizer, config: dict, out_dir) -> Path:
+def export_hf(model, tokenizer, template, config: dict, out_dir, form: str = "auto") -> Tuple[Path, str]:
     """Write `model` (a LlavaModel) with the build `config` (llava_config.json's keys) to `out_dir`, which must
-    not exist yet (or be empty); the export is staged beside it and renamed into place when complete."""
+    not exist yet (or be empty), as `form` (see the module doc); the export is staged beside it and renamed
+    into place when complete. Returns (the directory, the form written)."""
     out_dir = Path(out_dir)
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir())):
         raise FileExistsError(f"--out {str(out_dir)!r} already exists ({'a file' if out_dir.is_file() else 'not empty'})"
                               ": choose a new export directory")
-    final, out_dir = out_dir, out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(out_dir, ignore_errors=True)
+    refusal = stock_refusal(model, config)
+    if form == "stock" and refusal:
+        raise ValueError(f"this model cannot be exported as stock LLaVA: {refusal}; use --format remote")
+    form = "remote" if form == "auto" and refusal else "stock" if form == "auto" else form
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    if form == "stock":
+        export_stock(model, tokenizer, template, config, staging)
+    else:
+        export_remote(model, tokenizer, config, staging)
+    if out_dir.is_dir():
+        out_dir.rmdir()
+    os.replace(staging, out_dir)
+    return out_dir, form
+
+
+def export_remote(model, tokenizer, config: dict, out_dir: Path) -> None:
     text = model.language_model.config.to_dict()
     hf_config = DtpLlavaConfig(
         encoder=config["encoder"], model_kwargs=config.get("model_kwargs", {}), tower_structure=config["tower_structure"],
@@ -47,18 +70,16 @@ def export_hf(model, tokenizer, config: dict, out_dir) -> Path:
     hf.model.load_state_dict(model.state_dict())
     hf.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    if final.is_dir():
-        final.rmdir()
-    os.replace(out_dir, final)
-    return final
 
 
 def main(argv=None, args=None) -> Path:
     from llava_bridge.build import load_trained
     args = args or parse_args(make_arg_parser(), argv)
-    model, tokenizer, _, config = load_trained(args.checkpoint)
-    out = export_hf(model, tokenizer, config, args.out)
-    print(f"exported to {out}")
+    model, tokenizer, template, config = load_trained(args.checkpoint)
+    out, form = export_hf(model, tokenizer, template, config, args.out, args.format)
+    how = ('pipeline("image-text-to-text", model=DIR), no dtpclip needed' if form == "stock" else
+           "AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)")
+    print(f"exported to {out} as {form} LLaVA: {how}")
     return out
 
 

@@ -154,7 +154,7 @@ def test_stage2_goes_on_from_stage1s_lm_and_reads_llavas_mm_projector(small_demo
     projector = load_file(str(stage1 / "projector.safetensors"))
     torch.save({f"model.mm_projector.{k}": v for k, v in projector.items()}, tmp_path / "mm_projector.bin")
     model, _ = align.build_model(align.resolve_defaults(AlignConfig(**{
-        **stage2, "pretrain_projector": str(tmp_path / "mm_projector.bin")})))
+        **stage2, "lm": str(demo_lm), "pretrain_projector": str(tmp_path / "mm_projector.bin")})))
     assert all(torch.equal(model.projector.state_dict()[k], v) for k, v in projector.items())
 
 

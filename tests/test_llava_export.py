@@ -4,7 +4,7 @@ import torch
 from test_llava_model import tiny_lm, varying_dtp
 from transformers import AutoModelForImageTextToText
 
-from llava_bridge.conversation import IMAGE_TOKEN_INDEX
+from llava_bridge.conversation import IMAGE_TOKEN_INDEX, get_template
 from llava_bridge.demo_lm import build_tokenizer
 from llava_bridge.export import export_hf
 from llava_bridge.model import LlavaModel, VisionTower
@@ -18,7 +18,9 @@ def test_export_round_trip_gives_identical_logits(tmp_path, images):
     config = {"encoder": "dtp_vit_tiny_patch8_64", "model_kwargs": ENCODER_KWARGS, "select_layer": -1,
               "select_feature": "patch", "projector": "mlp2x_gelu", "max_length": 64,
               "tower_structure": {"transforms": [], "quantization": None}}
-    export_hf(model, build_tokenizer(["a photo of the circle."] * 4, vocab_size=300), config, tmp_path / "hf")
+    tokenizer = build_tokenizer(["a photo of the circle."] * 4, vocab_size=300)
+    _, form = export_hf(model, tokenizer, get_template("plain"), config, tmp_path / "hf")
+    assert form == "remote"  # auto: a DTP tower has no stock form
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
     assert type(loaded).__name__ == "DtpLlavaForConditionalGeneration"
     input_ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 7, 8]] * 3)
@@ -27,3 +29,56 @@ def test_export_round_trip_gives_identical_logits(tmp_path, images):
         got = loaded(input_ids=input_ids, pixel_values=images).logits
     assert len(set(counts)) > 1
     assert torch.equal(got, expected)
+
+
+# Run in a subprocess that cannot import dtpclip or llava_bridge: what a user without them has
+NO_DTPCLIP = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("dtpclip", "llava_bridge"):
+            raise ModuleNotFoundError(f"{name} is blocked")
+sys.meta_path.insert(0, Block())
+"""
+STOCK_PIPELINE = NO_DTPCLIP + """
+from transformers import pipeline
+pipe = pipeline("image-text-to-text", model=sys.argv[1])
+messages = [{"role": "user", "content": [{"type": "image", "image": sys.argv[2]}, {"type": "text", "text": sys.argv[3]}]}]
+out = pipe(text=messages, generate_kwargs={"max_new_tokens": 8, "do_sample": False}, return_full_text=False)
+print(json.dumps([type(pipe.model).__name__, out[0]["generated_text"]]))
+"""
+
+
+def test_a_plain_tower_exports_as_stock_llava_that_answers_without_dtpclip(tmp_path, demo_lm, small_demo):
+    import json
+    import subprocess
+    import sys
+    from conftest import tiny
+    from PIL import Image
+    from llava_bridge.build import image_transform, load_lm
+    from llava_bridge.generate import answer_batch
+    lm, tokenizer = load_lm(demo_lm)
+    torch.manual_seed(0)
+    tower = VisionTower(tiny("plain_vit_tiny_patch16_64"), select_layer=-2)
+    model = LlavaModel(tower, lm, "mlp2x_gelu").eval()
+    template = get_template("vicuna_v1")
+    config = {"select_layer": -2, "select_feature": "patch", "projector": "mlp2x_gelu", "image_aspect_ratio": "pad"}
+    out, form = export_hf(model, tokenizer, template, config, tmp_path / "stock")
+    assert form == "stock" and not any(out.glob("*.py"))
+    image = sorted(small_demo.llava_images.rglob("*.jpg"))[0]
+    with Image.open(image) as img:
+        ours = answer_batch(model, tokenizer, template, image_transform(tower, "pad")(img.convert("RGB"))[None],
+                            ["What is it?"], max_new_tokens=8)[0]
+    done = subprocess.run([sys.executable, "-c", STOCK_PIPELINE, str(out), str(image), "What is it?"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model_class, answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert model_class == "LlavaForConditionalGeneration" and answer.strip() == ours and ours
+
+
+def test_stock_export_is_refused_for_what_stock_llava_cannot_hold(tmp_path, images):
+    import pytest
+    model = LlavaModel(VisionTower(varying_dtp()), tiny_lm(), "mlp2x_gelu").eval()
+    config = {"select_layer": -1, "select_feature": "patch", "projector": "mlp2x_gelu"}
+    with pytest.raises(ValueError, match="its tower is DTPViT, not a plain ViT"):
+        export_hf(model, None, get_template("plain"), config, tmp_path / "x", "stock")
