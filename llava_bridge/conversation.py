@@ -40,6 +40,11 @@ class Template:
     turn_answer: str
     image_only: bool = False
 
+    @property
+    def answer_end(self) -> str:
+        """Text that closes an answer besides EOS: the plain template's "\n" (its captions carry no EOS)."""
+        return self.turn_answer.format(answer="", eos="")
+
 
 TEMPLATES: Dict[str, Template] = {
     # stage 1: "<image>caption\n", loss on the caption (LLaVA conv_llava_plain, sep "\n")

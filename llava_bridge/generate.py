@@ -42,7 +42,9 @@ def answer_batch(model, tokenizer, template: Template, images: torch.Tensor, que
         input_ids[row, length - len(ids):], attention_mask[row, length - len(ids):] = torch.tensor(ids), 1
     new = model.generate(input_ids, images, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    answers = [tokenizer.decode(row, skip_special_tokens=True) for row in new]
+    end = template.answer_end.strip(" ")
+    return [(answer.split(end)[0] if end else answer).strip() for answer in answers]
 
 
 def generate(checkpoint, image_path, prompt: str, max_new_tokens: int = 32) -> str:

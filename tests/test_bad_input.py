@@ -137,7 +137,7 @@ def test_export_refuses_an_existing_output(tmp_path):
     existing = tmp_path / "model.bin"
     existing.write_text("mine")
     with pytest.raises(FileExistsError, match="model.bin' already exists \\(a file\\)"):
-        export_hf(None, None, {}, existing)
+        export_hf(None, None, None, {}, existing)
     assert existing.read_text() == "mine"
 
 
