@@ -122,7 +122,7 @@ def export_stock(model, tokenizer, template: Template, config: dict, out_dir) ->
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(hf.generation_config, key, getattr(tokenizer, key))
     hf.save_pretrained(out_dir)
-    tokenizer.chat_template = None
+    tokenizer.chat_template = None  # the processor carries the template: one place, not two that may differ
     processor = LlavaProcessor(image_processor(vit, config.get("image_aspect_ratio", "crop")), tokenizer,
                                patch_size=vit.patch_embed.patch_size[0],
                                vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
