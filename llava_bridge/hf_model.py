@@ -48,6 +48,12 @@ class DtpLlavaForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         """Every weight comes from the export; nothing to initialise."""
 
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
+        """HF `generate` on the spliced prompts: the LM's own `generate` with its KV cache, after the splice
+        (prompts padded on either side; each image's own token count). Returns the new token ids only: the
+        prompt's placeholders are no token ids."""
+        return self.model.generate(input_ids, pixel_values, attention_mask=attention_mask, **kwargs)
+
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, **kwargs):
         if attention_mask is None:
             attention_mask = input_ids.new_ones(input_ids.shape)

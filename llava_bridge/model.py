@@ -160,10 +160,11 @@ class LlavaModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, images=None, attention_mask=None, max_new_tokens: int = 32,
                  **kwargs) -> torch.Tensor:
-        """Greedy continuation (new token ids only) of prompts padded on either side (`attention_mask`; None:
-        unpadded); after splicing they are left-padded, so each sample continues as it would alone."""
+        """Continuation (new token ids only; greedy unless `kwargs` say otherwise) of prompts padded on either side
+        (`attention_mask`; None: unpadded); after splicing they are left-padded, so each sample continues as it
+        would alone."""
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         spliced = self.splice(input_ids, attention_mask, None, images, padding_side="left")
         return self.language_model.generate(inputs_embeds=spliced.inputs_embeds,
                                             attention_mask=spliced.attention_mask, max_new_tokens=max_new_tokens,
-                                            do_sample=False, **kwargs)
+                                            **{"do_sample": False, **kwargs})

@@ -29,6 +29,8 @@ def test_export_round_trip_gives_identical_logits(tmp_path, images):
         got = loaded(input_ids=input_ids, pixel_values=images).logits
     assert len(set(counts)) > 1
     assert torch.equal(got, expected)
+    new = loaded.generate(input_ids, pixel_values=images, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(new, model.generate(input_ids, images, max_new_tokens=5, pad_token_id=0))
 
 
 # Run in a subprocess that cannot import dtpclip or llava_bridge: what a user without them has
