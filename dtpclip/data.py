@@ -5,8 +5,8 @@ webdataset is used as a library: brace expansion, `gopen` (local paths, pipe:, h
 curl; s3 as 'pipe:aws s3 cp s3://bucket/shard.tar -'), its tar iterator and sample grouping,
 its shuffle buffer; it works on both webdataset lines (0.2.86, the ceiling open_clip_train pins,
 and the newest). open_clip_train's data module is not used: its group_by_keys_nothrow fails with
-KeyError 'fname' on the end-of-shard markers webdataset emits after 0.2.86. The epoch logic follows open_clip_train/data.py
-(`get_wds_dataset`): a fixed number of batches per worker, so every rank runs the same number
+KeyError 'fname' on the end-of-shard markers webdataset emits after 0.2.86. The epoch logic follows
+open_clip_train/data.py (`get_wds_dataset`): a fixed number of batches per worker, so every rank runs the same number
 of steps, and resampling with replacement for `--dataset-resampled --train-num-samples`.
 
 Broken data is skipped, not fatal: undecodable images, samples without image or caption, shards

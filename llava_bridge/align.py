@@ -76,7 +76,8 @@ def deepspeed_config(path, cfg: AlignConfig, world: int, bf16: bool, hidden: int
                          "AdamW (DeepSpeed's would first compile its C++ CPU Adam)")
     fills = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
              "train_batch_size": cfg.batch_size * cfg.grad_accum * world, "gradient_clipping": cfg.grad_clip,
-             "bf16.enabled": bf16, "fp16.enabled": cfg.precision == "fp16", "zero_optimization.reduce_bucket_size": hidden * hidden,
+             "bf16.enabled": bf16, "fp16.enabled": cfg.precision == "fp16",
+             "zero_optimization.reduce_bucket_size": hidden * hidden,
              "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
              "zero_optimization.stage3_param_persistence_threshold": 10 * hidden}
 

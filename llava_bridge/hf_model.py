@@ -15,8 +15,8 @@ from llava_bridge.model import LlavaModel, VisionTower
 
 
 class DtpLlavaConfig(PretrainedConfig):
-    """encoder (registry name), model_kwargs, tower_structure (its transforms and quantization), select_layer, select_feature, projector, lm_config (LM config dict),
-    max_sequence_length (the LM sequence cut after splicing)."""
+    """encoder (registry name), model_kwargs, tower_structure (its transforms and quantization), select_layer,
+    select_feature, projector, lm_config (LM config dict), max_sequence_length (the LM sequence cut after splicing)."""
 
     model_type = "dtpclip_llava"
 
