@@ -1,6 +1,5 @@
 """LLaVA's training options at scale, each on the tiny model: gradient checkpointing, the projector's own lr and
 HF's no-decay groups, group_by_modality_length, image_aspect_ratio pad, fp16's DeepSpeed config."""
-import pytest
 import torch
 from PIL import Image
 from test_llava_model import tiny_lm
