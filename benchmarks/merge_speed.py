@@ -20,21 +20,16 @@ from functools import partial
 
 import torch
 
-from dtpclip.cli import make_parser, parse_args
+from dtpclip.cli import add_json_output, make_parser, measure_and_report, parse_args
 from dtpclip.encoders.merge import apply_lgtm, apply_tome, merged_token_counts, remove_tome
 from dtpclip.flops import count_macs
-from dtpclip.measure import synchronize
+from dtpclip.measure import autocast, synchronize
 from dtpclip.factory import create_encoder
 
 SWEEPS = {
     "plain_vit_base_patch16_224": [4, 8, 13, 16],
     "plain_vit_base_patch32_224": [2, 3, 4],
 }
-
-
-def _autocast(device: torch.device, precision: str):
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _seconds(step, device) -> float:
@@ -52,7 +47,7 @@ def measure_interleaved(model, patch, images, device, precision, repeats):
     swap, so it costs nothing.
     """
     def forward():
-        with torch.no_grad(), _autocast(device, precision):
+        with torch.no_grad(), autocast(device, precision):
             return model(images)
 
     base, merged = [], []
@@ -67,26 +62,10 @@ def measure_interleaved(model, patch, images, device, precision, repeats):
     return base, merged
 
 
-def main(argv=None):
-    parser = make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(SWEEPS), help="registry ViTs (sweeps: B/16, B/32)")
-    parser.add_argument("--r", nargs="+", type=int, default=None, help="r values > 0 (default: each model's sweep)")
-    parser.add_argument("--lgtm", action="store_true", help="also DFE + LGTM rows (2 dense, 2 local layers)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 keeps ratios stable on a shared CPU (0: torch's default)")
-    args = parse_args(parser, argv)
+def measure(args) -> list:
+    """One row per (model, method, r) and a baseline row per model: tokens, GMACs, images/s and the ratios."""
     device = torch.device(args.device)
-    if args.threads and device.type == "cpu":
-        torch.set_num_threads(args.threads)
-
-    print(f"batch {args.batch_size}, {device.type}, {args.precision}, {torch.get_num_threads()} threads; "
-          f"FLOPx = base MACs / MACs, speedx = images/s / base images/s, realised = speedx / FLOPx")
-    print(f"{'model':28s} {'method':10s} {'tokens':>6s} {'GMACs':>7s} {'FLOPx':>6s} {'img/s':>8s} "
-          f"{'speedx':>6s} {'realised':>8s}")
+    results = []
     for name in args.models:
         torch.manual_seed(0)
         model = create_encoder(name).to(device).eval()
@@ -105,15 +84,45 @@ def main(argv=None):
             base_times += t_base
             flop_x = base_macs / macs
             speed_x = statistics.median(t_base) / statistics.median(t_merged)
-            speed = args.batch_size / statistics.median(t_merged)
-            print(f"{name:28s} {method + f' r={r}':10s} {tokens:6d} {macs / 1e9:7.3f} {flop_x:6.2f} {speed:8.2f} "
-                  f"{speed_x:6.2f} {speed_x / flop_x:8.2f}", flush=True)
+            results.append({"model": name, "method": f"{method} r={r}", "tokens": tokens, "gmacs": macs / 1e9,
+                            "flop_x": flop_x, "images_per_s": args.batch_size / statistics.median(t_merged),
+                            "speed_x": speed_x, "realised": speed_x / flop_x})
         remove_tome(model)
-        tokens = model.patch_embed.num_patches + model.num_prefix_tokens
         speed = args.batch_size / statistics.median(base_times) if base_times else float("nan")
-        print(f"{name:28s} {'baseline':10s} {tokens:6d} {base_macs / 1e9:7.3f} {1:6.2f} {speed:8.2f} "
-              f"{1:6.2f} {1:8.2f}   (all baseline steps)", flush=True)
+        results.append({"model": name, "method": "baseline", "tokens": model.patch_embed.num_patches
+                        + model.num_prefix_tokens, "gmacs": base_macs / 1e9, "flop_x": 1.0, "images_per_s": speed,
+                        "speed_x": 1.0, "realised": 1.0})
         del model
+    return results
+
+
+def report(results: list, args) -> None:
+    print(f"batch {args.batch_size}, {args.device}, {args.precision}, {torch.get_num_threads()} threads; "
+          f"FLOPx = base MACs / MACs, speedx = images/s / base images/s, realised = speedx / FLOPx "
+          f"(baseline images/s: all baseline steps)")
+    print(f"{'model':28s} {'method':10s} {'tokens':>6s} {'GMACs':>7s} {'FLOPx':>6s} {'img/s':>8s} "
+          f"{'speedx':>6s} {'realised':>8s}")
+    for r in results:
+        print(f"{r['model']:28s} {r['method']:10s} {r['tokens']:6d} {r['gmacs']:7.3f} {r['flop_x']:6.2f} "
+              f"{r['images_per_s']:8.2f} {r['speed_x']:6.2f} {r['realised']:8.2f}")
+
+
+def main(argv=None):
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(SWEEPS), help="registry ViTs (sweeps: B/16, B/32)")
+    parser.add_argument("--r", nargs="+", type=int, default=None, help="r values > 0 (default: each model's sweep)")
+    parser.add_argument("--lgtm", action="store_true", help="also DFE + LGTM rows (2 dense, 2 local layers)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 keeps ratios stable on a shared CPU (0: torch's default)")
+    add_json_output(parser)
+    args = parse_args(parser, argv)
+    if args.threads and args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    measure_and_report(args, measure, report)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ GPU: CUDA's own peak allocator statistics. CPU: no allocator statistics exist, s
 resident set is read from Linux's /proc (VmHWM, reset through clear_refs), with glibc told to
 hand large buffers straight back to the OS so that RSS follows what tensors hold.
 """
+import contextlib
 import ctypes
 import gc
 import statistics
@@ -19,6 +20,13 @@ _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 def default_device() -> str:
     """'cuda' when a GPU is there, else 'cpu': the entry points' --device default."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision name ('fp32' | 'bf16' | 'fp16') on `device`."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
 def synchronize(device: torch.device) -> None:

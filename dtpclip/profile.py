@@ -45,8 +45,7 @@ def make_arg_parser():
 # `python -m`: the arguments are parsed here, before the heavy imports below (fast --help)
 ARGS = early_args(make_arg_parser, __name__)
 
-import contextlib  # noqa: E402  (after the early parse, as every import below)
-import json
+import json  # noqa: E402  (after the early parse, as every import below)
 from pathlib import Path
 from typing import List, Optional
 
@@ -61,7 +60,7 @@ from dtpclip.evalsets import load_eval_set
 from dtpclip.evaluate import clip_name, demo_eval_dir, registry_name, resolve_model
 from dtpclip.factory import apply_transforms, create_encoder, encoder_transforms
 from dtpclip.flops import count_macs
-from dtpclip.measure import default_device, median_time, peak_memory_bytes
+from dtpclip.measure import autocast, default_device, median_time, peak_memory_bytes
 from dtpclip.pareto import TRAINED, accuracy_point, transform_sweep, write_pareto
 from dtpclip.registry import encoder_info, parse_transform
 
@@ -93,12 +92,6 @@ def build_visual_tower(name: str, checkpoint: Optional[str] = None, embed_dim: O
     return VisualTower(encoder, embed_dim)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
-
-
 def _floats(stats: dict) -> dict:
     return {k: round(float(v), 4) for k, v in stats.items()}
 
@@ -113,7 +106,7 @@ class TowerSteps:
         self.seed = seed
         size = tower.encoder.patch_embed.img_size
         self.images = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(seed)).to(self.device)
-        self.autocast = _autocast(self.device, precision)
+        self.autocast = autocast(self.device, precision)
 
     def forward(self) -> torch.Tensor:
         """Inference: eval mode, no gradients."""

@@ -1,8 +1,11 @@
-"""Export: the Hugging Face directory loads offline through AutoModelForImageTextToText and gives
-identical logits, with each image's own visual token count."""
+"""Export: the Hugging Face directory loads offline, with no dtpclip installed, and gives identical logits
+and generations, with each image's own visual token count (remote code) or as stock LLaVA."""
+import json
+import subprocess
+import sys
+
 import torch
 from test_llava_model import tiny_lm, varying_dtp
-from transformers import AutoModelForImageTextToText
 
 from llava_bridge.conversation import IMAGE_TOKEN_INDEX, get_template
 from llava_bridge.demo_lm import build_tokenizer
@@ -10,27 +13,6 @@ from llava_bridge.export import export_hf
 from llava_bridge.model import LlavaModel, VisionTower
 
 ENCODER_KWARGS = dict(embed_dim=32, depth=4, num_heads=2, compression=0.5)
-
-
-def test_export_round_trip_gives_identical_logits(tmp_path, images):
-    torch.manual_seed(0)
-    model = LlavaModel(VisionTower(varying_dtp()), tiny_lm(), "mlp2x_gelu").eval()
-    config = {"encoder": "dtp_vit_tiny_patch8_64", "model_kwargs": ENCODER_KWARGS, "select_layer": -1,
-              "select_feature": "patch", "projector": "mlp2x_gelu", "max_length": 64,
-              "tower_structure": {"transforms": [], "quantization": None}}
-    tokenizer = build_tokenizer(["a photo of the circle."] * 4, vocab_size=300)
-    _, form = export_hf(model, tokenizer, get_template("plain"), config, tmp_path / "hf")
-    assert form == "remote"  # auto: a DTP tower has no stock form
-    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
-    assert type(loaded).__name__ == "DtpLlavaForConditionalGeneration"
-    input_ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 7, 8]] * 3)
-    with torch.no_grad():
-        expected, _, counts = model(input_ids, torch.ones_like(input_ids), None, images)
-        got = loaded(input_ids=input_ids, pixel_values=images).logits
-    assert len(set(counts)) > 1
-    assert torch.equal(got, expected)
-    new = loaded.generate(input_ids, pixel_values=images, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(new, model.generate(input_ids, images, max_new_tokens=5, pad_token_id=0))
 
 
 # Run in a subprocess that cannot import dtpclip or llava_bridge: what a user without them has
@@ -51,10 +33,44 @@ print(json.dumps([type(pipe.model).__name__, out[0]["generated_text"]]))
 """
 
 
+REMOTE_LOAD = NO_DTPCLIP + """
+import torch
+from transformers import AutoModelForImageTextToText
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+inputs = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model(input_ids=inputs["input_ids"], pixel_values=inputs["images"]).logits
+generated = model.generate(inputs["input_ids"], pixel_values=inputs["images"], max_new_tokens=5, do_sample=False,
+                           pad_token_id=0)
+torch.save({"class": type(model).__name__, "logits": logits, "generated": generated}, sys.argv[3])
+"""
+
+
+def test_export_round_trip_gives_identical_logits(tmp_path, images):
+    """The remote-code export loads and generates where dtpclip and llava_bridge cannot be imported."""
+    torch.manual_seed(0)
+    model = LlavaModel(VisionTower(varying_dtp()), tiny_lm(), "mlp2x_gelu").eval()
+    config = {"encoder": "dtp_vit_tiny_patch8_64", "model_kwargs": ENCODER_KWARGS, "select_layer": -1,
+              "select_feature": "patch", "projector": "mlp2x_gelu", "max_length": 64,
+              "tower_structure": {"transforms": [], "quantization": None}}
+    tokenizer = build_tokenizer(["a photo of the circle."] * 4, vocab_size=300)
+    out, form = export_hf(model, tokenizer, get_template("plain"), config, tmp_path / "hf")
+    assert form == "remote"  # auto: a DTP tower has no stock form
+    input_ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 7, 8]] * 3)
+    with torch.no_grad():
+        expected, _, counts = model(input_ids, torch.ones_like(input_ids), None, images)
+    assert len(set(counts)) > 1
+    torch.save({"input_ids": input_ids, "images": images}, tmp_path / "inputs.pt")
+    done = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(out), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "outputs.pt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "outputs.pt")
+    assert got["class"] == "DtpLlavaForConditionalGeneration"
+    assert torch.equal(got["logits"], expected)
+    assert torch.equal(got["generated"], model.generate(input_ids, images, max_new_tokens=5, pad_token_id=0))
+
+
 def test_a_plain_tower_exports_as_stock_llava_that_answers_without_dtpclip(tmp_path, demo_lm, small_demo):
-    import json
-    import subprocess
-    import sys
     from conftest import tiny
     from PIL import Image
     from llava_bridge.build import image_transform, load_lm

@@ -117,11 +117,10 @@ def test_dtp_vit_w4a4_builds_runs_and_trains_its_step_sizes(images):
     steps = [m.step.grad for m in model.modules() if isinstance(m, LSQQuantizer)]
     assert steps and all(g is not None for g in steps) and any(g.abs().sum() > 0 for g in steps)
     model.eval()
-    padded = model.token_packing
-    model.token_packing = not padded
+    model.token_layout = "padded"
     other = model.encode(images)
-    model.token_packing = padded
-    assert torch.allclose(model.encode(images).pooled, other.pooled, atol=1e-4)  # packed path = padded path
+    model.token_layout = "varlen"
+    assert torch.allclose(model.encode(images).pooled, other.pooled, atol=1e-4)  # varlen path = padded path
 
 
 def test_kd_chain_fp_to_4bit_to_2bit_through_classify(tmp_path):

@@ -4,13 +4,16 @@ Token merging (ToMe) adds proportional attention (log of each key's size joins t
 reads the keys as its merge metric; quantization (LSQ, RepQ-style PTQ) fake-quantizes q, k, v and
 the post-softmax probabilities. Both patch a block's attention by swapping its class to
 `HookedAttention` (same parameters, same state-dict names), so they stack in either order.
-Without attention quantizers the fused SDPA kernel stays in use.
+Without attention quantizers the fused SDPA kernel stays in use. A `VarlenBatch` given as the mask
+runs attention per sequence over a flat run of variable-length sequences (varlen.py).
 """
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from timm.layers.attention import Attention
+
+from dtpclip.encoders.varlen import VarlenBatch
 
 
 def as_additive_mask(attn_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -45,21 +48,26 @@ class HookedAttention(Attention):
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if size is not None:
-            attn_mask = with_log_size(attn_mask, size, q.dtype)
-        if not self.quantized and self.fused_attn:
-            out = nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
-                is_causal=is_causal)
-        else:
-            out = self._explicit_attention(q, k, v, attn_mask, is_causal)
+        out = self._attend(q, k, v, attn_mask, is_causal, size)
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             out = out * gate
         out = self.proj_drop(self.proj(out))
         return (out, k.mean(1)) if return_metric else out
 
-    def _explicit_attention(self, q, k, v, attn_mask, is_causal):
+    def _attend(self, q, k, v, attn_mask, is_causal, size):
+        fused = not self.quantized and self.fused_attn
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if isinstance(attn_mask, VarlenBatch):
+            return attn_mask.attention(q, k, v, dropout_p, None if fused else self._explicit_attention)
+        if size is not None:
+            attn_mask = with_log_size(attn_mask, size, q.dtype)
+        if fused:
+            return nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+        return self._explicit_attention(q, k, v, attn_mask, is_causal)
+
+    def _explicit_attention(self, q, k, v, attn_mask=None, is_causal=False):
         quantized = self.quantized
         if quantized:
             if is_causal:

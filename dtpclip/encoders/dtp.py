@@ -13,7 +13,8 @@ import torch.utils.checkpoint
 from torch.distributions import Binomial, RelaxedBernoulli
 
 from dtpclip.encoders.output import EncoderOutput
-from dtpclip.encoders.packing import PackedRows
+from dtpclip.encoders.attention import hook_attention
+from dtpclip.encoders.varlen import VarlenBatch
 from dtpclip.encoders.vit import TOKEN_FEATURE_CFG, PlainViT, register_vit_family
 
 # Named compression variants: suffix -> prior (fraction of patches that close a segment).
@@ -24,7 +25,8 @@ class BoundaryPredictor(nn.Module):
     """p = sigmoid(MLP(x)) per patch; hard boundaries by a Gumbel-sigmoid with straight-through.
 
     Training: soft ~ RelaxedBernoulli(temperature, p), hard = soft > threshold, and the returned
-    boundaries are hard in value with the gradient of soft. Eval (`eval_boundaries`):
+    boundaries are hard in value with the gradient of soft. Sampling and the returned boundaries are
+    fp32 whatever the predictor's dtype: bf16 noise shifts the rate (0.0973 sampled for p = 0.1). Eval (`eval_boundaries`):
       'expected'  each image keeps its round(sum p) most probable boundaries (the default);
       'threshold' hard = p > threshold (DTP's rule for a converged predictor);
       'sample'    the training-time sampling.
@@ -49,7 +51,7 @@ class BoundaryPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, D] -> boundaries [B, L] in {0, 1}."""
-        logits = self.mlp(x).squeeze(-1)
+        logits = self.mlp(x).squeeze(-1).float()
         if self.training or self.eval_boundaries == "sample":
             soft = RelaxedBernoulli(torch.tensor(self.temperature, device=x.device), logits=logits).rsample()
             hard = (soft > self.threshold).to(soft.dtype)
@@ -57,7 +59,7 @@ class BoundaryPredictor(nn.Module):
         probs = torch.sigmoid(logits)
         if self.eval_boundaries == "threshold":
             return (probs > self.threshold).to(logits.dtype)
-        keep = probs.float().sum(-1, keepdim=True).round()  # [B, 1]
+        keep = probs.sum(-1, keepdim=True).round()  # [B, 1]
         rank = probs.argsort(-1, descending=True).argsort(-1)  # 0 = most probable
         return (rank < keep).to(logits.dtype)
 
@@ -75,17 +77,25 @@ def segment_ids(boundaries: torch.Tensor) -> torch.Tensor:
     return boundaries.cumsum(-1) - boundaries
 
 
-def segment_pool(tokens: torch.Tensor, boundaries: torch.Tensor):
+def count_segments(boundaries: torch.Tensor) -> torch.Tensor:
+    """boundaries [B, L] -> segments per image [B] (long): one per boundary, plus the trailing open one."""
+    hard = boundaries.detach().round().long()
+    return hard.sum(-1) + 1 - hard[:, -1]
+
+
+def segment_pool(tokens: torch.Tensor, boundaries: torch.Tensor, num_slots: int = None):
     """Mean of each segment; a boundary closes its segment, the trailing open segment is kept.
 
-    tokens [B, L, D], boundaries [B, L] -> segments [B, S, D], segment_mask [B, S] (S = most
-    segments in the batch). Segment ids are the exclusive cumsum of the boundaries; the pooling
-    weight of token l in slot s is 1 - (s - id_l) where they match, so the straight-through
-    gradient of the boundaries reaches the predictor, as in the DTP reference.
+    tokens [B, L, D], boundaries [B, L] -> segments [B, S, D], segment_mask [B, S] (S = `num_slots`,
+    by default the most segments in the batch, read with a host sync). Segment ids are the exclusive
+    cumsum of the boundaries; the pooling weight of token l in slot s is 1 - (s - id_l) where they
+    match, so the straight-through gradient of the boundaries reaches the predictor, as in the DTP
+    reference. Ids, slots and weights are fp32 (exact to 2^24 patches; bf16 only to 256).
     """
-    ids = segment_ids(boundaries)  # [B, L]
-    num_segments = ids[:, -1].detach() + 1  # [B]
-    slots = torch.arange(int(num_segments.max()), device=tokens.device, dtype=boundaries.dtype)
+    ids = segment_ids(boundaries.float())  # [B, L]
+    num_segments = count_segments(boundaries)  # [B]
+    num_slots = int(num_segments.max()) if num_slots is None else num_slots
+    slots = torch.arange(num_slots, device=tokens.device, dtype=ids.dtype)
     offset = slots.view(1, 1, -1) - ids.unsqueeze(-1)  # [B, L, S], 0 where l is in s
     weights = torch.where(offset == 0, 1.0 - offset, torch.zeros_like(offset))
     counts = weights.sum(1, keepdim=True)
@@ -100,23 +110,28 @@ class DTPViT(PlainViT):
     compression: the boundary prior (0.5, 0.25, 0.1 for 2x, 4x, 10x), the target fraction of
     patches that close a segment. The blocks are the plain ViT's, so plain ViT and CLIP weights
     load unchanged; only the boundary predictor is new.
-    token_packing: run the shortened layers on packed rows of real tokens (see packing.py), so
-    wall-clock and memory follow the pooled token count; False pads every image to the longest
-    (the reference path, kept to check the packed one against).
+    token_layout: 'varlen' runs the shortened layers on the real tokens only, each image attending to
+    itself (see varlen.py), so wall-clock and memory follow the pooled token count; 'padded' pads
+    every image to the longest and masks the padded keys (the reference path, kept to check against).
     """
 
     fresh_parameter_prefixes = ("boundary_predictor.",)
     has_aux_loss = True  # the boundary loss
     mergeable = False  # it pools its own tokens into variable-length segments
+    TOKEN_LAYOUTS = ("varlen", "padded")
 
     def __init__(self, compression: float = 0.25, pre_layers: int = 2, temperature: float = 0.5,
                  threshold: float = 0.5, eval_boundaries: str = "expected", predictor_hidden_dim=None,
-                 token_packing: bool = True, global_pool: str = "avg", **kwargs):
+                 token_layout: str = "varlen", global_pool: str = "avg", **kwargs):
         super().__init__(global_pool=global_pool, **kwargs)
         if not 0 < pre_layers < len(self.blocks):
             raise ValueError(f"pre_layers must be in [1, depth - 1] = [1, {len(self.blocks) - 1}], got {pre_layers}")
         self.pre_layers = pre_layers
-        self.token_packing = token_packing
+        if token_layout not in self.TOKEN_LAYOUTS:
+            raise ValueError(f"token_layout must be one of {self.TOKEN_LAYOUTS}, got {token_layout!r}")
+        self.token_layout = token_layout
+        for block in self.blocks[pre_layers:]:  # the shortened blocks read a VarlenBatch as their mask
+            hook_attention(block.attn)
         hidden = predictor_hidden_dim or self.blocks[0].mlp.fc1.out_features
         self.boundary_predictor = BoundaryPredictor(
             self.embed_dim, hidden, compression, temperature, threshold, eval_boundaries)
@@ -148,33 +163,36 @@ class DTPViT(PlainViT):
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
 
     def _pool_segments(self, x: torch.Tensor):
-        """Tokens after the pre-layers -> (prefix + segment tokens, their token_mask [B, N], boundaries [B, L])."""
+        """Tokens after the pre-layers -> (prefix + segment tokens, their token_mask [B, N], boundaries [B, L],
+        tokens per image as a list). Reading the segment counts is the forward's one host sync."""
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         boundaries = self.boundary_predictor(patches)
-        segments, segment_mask = segment_pool(patches, boundaries)
+        host_counts = count_segments(boundaries).tolist()
+        segments, segment_mask = segment_pool(patches, boundaries, max(host_counts))
         token_mask = torch.cat([segment_mask.new_ones(prefix.shape[:2]), segment_mask], dim=1)
-        return torch.cat([prefix, segments], dim=1), token_mask, boundaries
+        host_lengths = [count + self.num_prefix_tokens for count in host_counts]
+        return torch.cat([prefix, segments], dim=1), token_mask, boundaries, host_lengths
 
     def forward_pooled(self, images: torch.Tensor):
         """images -> (tokens [B, N, D] with padding zeroed, token_mask [B, N], boundaries [B, L])."""
         x = self._embed(images)
         for block in self.blocks[: self.pre_layers]:
             x = self._run_block(block, x)
-        x, token_mask, boundaries = self._pool_segments(x)
-        return self._forward_shortened(x, token_mask)[0], token_mask, boundaries
+        x, token_mask, boundaries, host_lengths = self._pool_segments(x)
+        return self._forward_shortened(x, token_mask, host_lengths)[0], token_mask, boundaries
 
-    def _forward_shortened(self, x: torch.Tensor, token_mask: torch.Tensor, taps=(), norm_taps: bool = False,
-                           stop: int = None):
+    def _forward_shortened(self, x: torch.Tensor, token_mask: torch.Tensor, host_lengths: list, taps=(),
+                           norm_taps: bool = False, stop: int = None):
         """The blocks after pooling (up to `stop`) + final norm: (tokens [B, N, D] with padding zeroed,
         {block index in `taps`: its tokens, likewise}).
 
-        token_packing runs them on packed rows about as long as the unpooled sequence (packing.py); otherwise
-        on the padded batch with padded keys masked (padded queries stay finite and are zeroed on the way out).
+        'varlen' runs them on the real tokens as one flat run (varlen.py); 'padded' on the padded batch with
+        padded keys masked (padded queries stay finite and are zeroed on the way out).
         """
         batch, seq_len = token_mask.shape
-        if self.token_packing:
-            layout = PackedRows.plan(token_mask.sum(1), seq_len, self.patch_embed.num_patches + self.num_prefix_tokens)
-            state, attn_mask = layout.pack(x), layout.attn_mask
+        if self.token_layout == "varlen":
+            layout = VarlenBatch.plan(token_mask.sum(1), host_lengths, seq_len)
+            state, attn_mask = layout.pack(x), layout
 
             def padded(rows):
                 return layout.unpack(rows, batch, seq_len)
@@ -211,8 +229,8 @@ class DTPViT(PlainViT):
             if index in take:
                 taken[index] = self.norm(tokens) if norm else tokens
         if stop > self.pre_layers:
-            tokens, token_mask, _ = self._pool_segments(tokens)
-            tokens, shortened = self._forward_shortened(tokens, token_mask, take, norm, stop)
+            tokens, token_mask, _, host_lengths = self._pool_segments(tokens)
+            tokens, shortened = self._forward_shortened(tokens, token_mask, host_lengths, take, norm, stop)
             taken.update(shortened)
             masks.update(dict.fromkeys(shortened, token_mask))
         else:
