@@ -98,7 +98,8 @@ from dtpclip.checkpoint import write_json
 from dtpclip.evaluate import ClassificationMeter, check_labels, demo_eval_dir, registry_name, resolve_model
 from dtpclip.losses import Distiller, load_teacher
 from dtpclip.checkpoint import save_checkpoint_dir
-from dtpclip.factory import create_encoder, encoder_transforms
+from dtpclip.clip import encoder_transforms
+from dtpclip.factory import create_encoder
 from dtpclip.measure import default_device
 
 

@@ -6,14 +6,14 @@ The CLIP projection lives in open_clip's timm-tower head; the encoder stays a pl
 """
 import contextlib
 import logging
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import open_clip
 import open_clip.factory
 import timm
 import torch
 from open_clip.timm_model import TimmModel
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import PreprocessCfg, image_transform, image_transform_v2
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from dtpclip.checkpoint import checkpoint_config, load_checked, read_state_dict
@@ -144,3 +144,12 @@ def encode_image(model: torch.nn.Module, images: torch.Tensor) -> Tuple[torch.Te
 
 
 on_register(_add_open_clip_config)
+
+
+def encoder_transforms(encoder: torch.nn.Module) -> Tuple[Callable, Callable]:
+    """(train, eval) image transforms: CLIP's (RandomResizedCrop 0.9-1 / resize + center crop) at the
+    encoder's input size and normalisation (its timm pretrained config)."""
+    cfg = encoder.pretrained_cfg
+    size = encoder.patch_embed.img_size
+    return (image_transform(size, is_train=True, mean=cfg["mean"], std=cfg["std"]),
+            image_transform(size, is_train=False, mean=cfg["mean"], std=cfg["std"]))

@@ -4,12 +4,11 @@ A checkpoint's config records what was done to its encoder after construction (t
 transforms as spec strings, the quantized structure), and `restore_structure` redoes it on a fresh
 model so that the saved state loads into it.
 """
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 import timm
 import torch
 import torch.nn as nn
-from open_clip.transform import image_transform
 
 from dtpclip.checkpoint import (checkpoint_config, encoder_state_from_clip, load_checked, read_state_dict,
                                 resolve_checkpoint)
@@ -27,15 +26,6 @@ def create_encoder(name: str, checkpoint: Optional[str] = None, **kwargs) -> nn.
         restore_structure(model, checkpoint_config(weights))
         load_checked(model, encoder_state_from_clip(read_state_dict(weights), model), weights)
     return model
-
-
-def encoder_transforms(encoder: nn.Module) -> Tuple[Callable, Callable]:
-    """(train, eval) image transforms: CLIP's (RandomResizedCrop 0.9-1 / resize + center crop) at the
-    encoder's input size and normalisation (its timm pretrained config)."""
-    cfg = encoder.pretrained_cfg
-    size = encoder.patch_embed.img_size
-    return (image_transform(size, is_train=True, mean=cfg["mean"], std=cfg["std"]),
-            image_transform(size, is_train=False, mean=cfg["mean"], std=cfg["std"]))
 
 
 def apply_transforms(model: nn.Module, specs: Iterable[Union[str, dict, TransformSpec]],

@@ -58,7 +58,8 @@ from dtpclip.calibration import calibration_batches
 from dtpclip.clip import clip_embed_dim, create_clip_and_transforms
 from dtpclip.evalsets import load_eval_set
 from dtpclip.evaluate import clip_name, demo_eval_dir, registry_name, resolve_model
-from dtpclip.factory import apply_transforms, create_encoder, encoder_transforms
+from dtpclip.clip import encoder_transforms
+from dtpclip.factory import apply_transforms, create_encoder
 from dtpclip.flops import count_macs
 from dtpclip.measure import autocast, default_device, median_time, peak_memory_bytes
 from dtpclip.pareto import TRAINED, accuracy_point, transform_sweep, write_pareto

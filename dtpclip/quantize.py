@@ -57,10 +57,10 @@ import open_clip
 
 from dtpclip.calibration import calibration_batches, default_calibration_source
 from dtpclip.checkpoint import WEIGHTS_FILE, save_checkpoint_dir
-from dtpclip.clip import create_clip_and_transforms
+from dtpclip.clip import create_clip_and_transforms, encoder_transforms
 from dtpclip.encoders.quant import quant_config
 from dtpclip.evaluate import demo_eval_dir, resolve_model
-from dtpclip.factory import apply_transforms, create_encoder, encoder_transforms
+from dtpclip.factory import apply_transforms, create_encoder
 from dtpclip.measure import default_device
 from dtpclip.registry import encoder_info
 from dtpclip.zeroshot import run_zero_shot

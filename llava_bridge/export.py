@@ -5,8 +5,9 @@
 stock (auto's choice where the model allows it: a plain-ViT tower read at select_layer <= -2, the
 mlp2x_gelu projector; llava_bridge.stock_export): transformers' own LlavaForConditionalGeneration and
 LlavaProcessor, so `pipeline("image-text-to-text", model=DIR)` answers with no dtpclip installed.
-remote (every other tower: DTP, merged, quantized): config.json with auto_map to the copied
-hf_model.py, model.safetensors and the tokenizer, for
+remote (every other tower: DTP, merged, quantized): config.json with auto_map to the model code,
+copied into DIR with every module it needs (llava_bridge.remote_code; torch, transformers and timm
+are all it imports), model.safetensors and the tokenizer, for
 `AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)`; input ids carry
 IMAGE_TOKEN_INDEX (-200) placeholders (llava_bridge.conversation), pixel_values one image per placeholder.
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Tuple
 
 from llava_bridge.hf_model import DtpLlavaConfig, DtpLlavaForConditionalGeneration
+from llava_bridge.remote_code import write_remote_code
 from llava_bridge.stock_export import export_stock, stock_refusal
 
 
@@ -64,11 +66,13 @@ def export_remote(model, tokenizer, config: dict, out_dir: Path) -> None:
         encoder=config["encoder"], model_kwargs=config.get("model_kwargs", {}), tower_structure=config["tower_structure"],
         select_layer=config["select_layer"], select_feature=config["select_feature"],
         projector=config["projector"], lm_config=text, max_sequence_length=config.get("max_length"))
-    DtpLlavaConfig.register_for_auto_class()
-    DtpLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
     hf = DtpLlavaForConditionalGeneration(hf_config)
     hf.model.load_state_dict(model.state_dict())
     hf.save_pretrained(out_dir)
+    entry = write_remote_code(out_dir)
+    hf_config.auto_map = {"AutoConfig": f"{entry}.{DtpLlavaConfig.__name__}",
+                          "AutoModelForImageTextToText": f"{entry}.{DtpLlavaForConditionalGeneration.__name__}"}
+    hf_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 

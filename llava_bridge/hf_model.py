@@ -1,15 +1,16 @@
-"""The exported model's Hugging Face classes (copied into every export directory, `auto_map` set),
-so the directory loads offline with
+"""The exported model's Hugging Face classes, so the directory loads offline with
 `AutoModelForImageTextToText.from_pretrained(dir, trust_remote_code=True)`.
 
 Stock `LlavaForConditionalGeneration` expects a fixed number of image tokens per image (it
 repeats an image token id that many times in the prompt), which DTP-ViT does not have; this
 class wraps our `LlavaModel`, so the exported model splices each image's own token count
-exactly as in training. The code imports `dtpclip` and `llava_bridge`, which must be installed.
+exactly as in training. The export copies this module and every dtpclip / llava_bridge module it
+imports into the directory (remote_code.py), so loading needs torch, transformers and timm only.
 """
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+import dtpclip.encoders  # noqa: F401  (registers every family and transform with the registry)
 from dtpclip.factory import create_encoder, restore_structure
 from llava_bridge.model import LlavaModel, VisionTower
 

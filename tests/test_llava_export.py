@@ -46,20 +46,15 @@ torch.save({"class": type(model).__name__, "logits": logits, "generated": genera
 """
 
 
-def test_export_round_trip_gives_identical_logits(tmp_path, images):
-    """The remote-code export loads and generates where dtpclip and llava_bridge cannot be imported."""
-    torch.manual_seed(0)
-    model = LlavaModel(VisionTower(varying_dtp()), tiny_lm(), "mlp2x_gelu").eval()
-    config = {"encoder": "dtp_vit_tiny_patch8_64", "model_kwargs": ENCODER_KWARGS, "select_layer": -1,
-              "select_feature": "patch", "projector": "mlp2x_gelu", "max_length": 64,
-              "tower_structure": {"transforms": [], "quantization": None}}
+def remote_round_trip(model, config, tmp_path, images):
+    """Export `model` as remote code, then load it and generate in a subprocess that cannot import dtpclip or
+    llava_bridge; asserts the logits and generated tokens equal the model's own."""
     tokenizer = build_tokenizer(["a photo of the circle."] * 4, vocab_size=300)
     out, form = export_hf(model, tokenizer, get_template("plain"), config, tmp_path / "hf")
-    assert form == "remote"  # auto: a DTP tower has no stock form
+    assert form == "remote"  # auto: no stock form for these towers
     input_ids = torch.tensor([[1, 5, IMAGE_TOKEN_INDEX, 7, 8]] * 3)
     with torch.no_grad():
         expected, _, counts = model(input_ids, torch.ones_like(input_ids), None, images)
-    assert len(set(counts)) > 1
     torch.save({"input_ids": input_ids, "images": images}, tmp_path / "inputs.pt")
     done = subprocess.run([sys.executable, "-c", REMOTE_LOAD, str(out), str(tmp_path / "inputs.pt"),
                            str(tmp_path / "outputs.pt")], capture_output=True, text=True)
@@ -68,6 +63,30 @@ def test_export_round_trip_gives_identical_logits(tmp_path, images):
     assert got["class"] == "DtpLlavaForConditionalGeneration"
     assert torch.equal(got["logits"], expected)
     assert torch.equal(got["generated"], model.generate(input_ids, images, max_new_tokens=5, pad_token_id=0))
+    return counts
+
+
+def test_a_dtp_tower_exports_as_remote_code_that_runs_without_dtpclip(tmp_path, images):
+    torch.manual_seed(0)
+    model = LlavaModel(VisionTower(varying_dtp()), tiny_lm(), "mlp2x_gelu").eval()
+    config = {"encoder": "dtp_vit_tiny_patch8_64", "model_kwargs": ENCODER_KWARGS, "select_layer": -1,
+              "select_feature": "patch", "projector": "mlp2x_gelu", "max_length": 64,
+              "tower_structure": {"transforms": [], "quantization": None}}
+    counts = remote_round_trip(model, config, tmp_path, images)
+    assert len(set(counts)) > 1  # each image's own token count survives the export
+
+
+def test_a_merged_quantized_tower_exports_as_remote_code_that_runs_without_dtpclip(tmp_path, images):
+    from conftest import TINY, tiny
+    from dtpclip.encoders import apply_tome, quantize_model
+    from dtpclip.encoders.quant import quant_config
+    encoder = quantize_model(apply_tome(tiny("plain_vit_tiny_patch8_64"), r=8), 8, 8)
+    model = LlavaModel(VisionTower(encoder), tiny_lm(), "mlp2x_gelu").eval()
+    config = {"encoder": "plain_vit_tiny_patch8_64", "model_kwargs": TINY, "select_layer": -1,
+              "select_feature": "patch", "projector": "mlp2x_gelu", "max_length": 64,
+              "tower_structure": {"transforms": ["tome:r=8"], "quantization": quant_config(encoder)}}
+    counts = remote_round_trip(model, config, tmp_path, images)
+    assert counts == [64 - 8 * 4] * 3  # ToMe's r = 8 merges in each of the 4 blocks
 
 
 def test_a_plain_tower_exports_as_stock_llava_that_answers_without_dtpclip(tmp_path, demo_lm, small_demo):
