@@ -183,7 +183,7 @@ def stratified_split(dataset: TensorDataset, val_fraction: float, seed: int = 0)
     return TensorDataset(images[~val], labels[~val]), TensorDataset(images[val], labels[val])
 
 
-def _loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0) -> DataLoader:
     if isinstance(dataset, IterableDataset):
         return DataLoader(ShuffleBuffer(dataset, seed=seed) if shuffle else dataset, batch_size=batch_size,
                           num_workers=workers)
@@ -247,9 +247,9 @@ def train_classifier(encoder: nn.Module, train_data: Dataset, val_data: Dataset,
             p.requires_grad_(False)
         for p in head.parameters():
             p.requires_grad_(True)
-        features = extract_features(encoder, _loader(train_data, batch_size, False, workers), device, train_name)
+        features = extract_features(encoder, make_loader(train_data, batch_size, False, workers), device, train_name)
         check_labels(features[1], num_classes, train_name)
-        val_features = extract_features(encoder, _loader(val_data, batch_size, False, workers), device, val_name)
+        val_features = extract_features(encoder, make_loader(val_data, batch_size, False, workers), device, val_name)
         feature_set = TensorDataset(*features)
         groups = [{"params": list(head.parameters()), "lr": lr}]
     else:
@@ -270,7 +270,7 @@ def train_classifier(encoder: nn.Module, train_data: Dataset, val_data: Dataset,
                                  generator=torch.Generator().manual_seed(seed + epoch))
         else:
             encoder.train()
-            batches = tqdm(_loader(train_data, batch_size, True, workers, seed + epoch), desc=f"epoch {epoch}",
+            batches = tqdm(make_loader(train_data, batch_size, True, workers, seed + epoch), desc=f"epoch {epoch}",
                            unit="batch", leave=False)
         for inputs, targets in batches:
             targets = check_labels(torch.as_tensor(targets).long().to(device), num_classes, train_name)
@@ -296,7 +296,7 @@ def train_classifier(encoder: nn.Module, train_data: Dataset, val_data: Dataset,
         else:
             encoder.eval()
             val_batches = ((images.to(device), targets) for images, targets in
-                           _loader(val_data, batch_size, False, workers))
+                           make_loader(val_data, batch_size, False, workers))
             metrics = _evaluate(lambda x: logits_of(encoder, x)[0], val_batches, num_classes, val_name)
         history.append({"epoch": epoch, "lr": current_lr, "train_loss": total / count, **metrics,
                         **({"distill_loss": distill_total / count} if distiller is not None else {}),
@@ -323,7 +323,7 @@ def build_distiller(args, num_classes: int, encoder: nn.Module) -> Optional[Dist
                      args.feature_distill, args.feature_distill_weight)
 
 
-def _data_dir(path: Optional[str], flag: str) -> Path:
+def data_dir(path: Optional[str], flag: str) -> Path:
     data = Path(path).expanduser()
     if not data.is_dir():
         raise FileNotFoundError(f"{flag} {path!r} does not exist (expected an eval-set directory: CLIP_benchmark "
@@ -356,10 +356,10 @@ def main(argv=None, args=None) -> dict:
         weights, name, model_kwargs = source.weights, source.name, source.model_kwargs
     name = registry_name(name)
     if args.train_data:
-        train_path, train_split = _data_dir(args.train_data, "--train-data"), args.train_split
+        train_path, train_split = data_dir(args.train_data, "--train-data"), args.train_split
     else:  # the demo's labelled images: its eval set's one split, held out from itself below
         train_path, train_split = demo_eval_dir(), "test"
-    val_path = _data_dir(args.val_data, "--val-data") if args.val_data else None
+    val_path = data_dir(args.val_data, "--val-data") if args.val_data else None
     if args.mode == "scratch":
         weights = None
 
