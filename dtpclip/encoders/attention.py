@@ -4,16 +4,18 @@ Token merging (ToMe) adds proportional attention (log of each key's size joins t
 reads the keys as its merge metric; quantization (LSQ, RepQ-style PTQ) fake-quantizes q, k, v and
 the post-softmax probabilities. Both patch a block's attention by swapping its class to
 `HookedAttention` (same parameters, same state-dict names), so they stack in either order.
-Without attention quantizers the fused SDPA kernel stays in use. A `VarlenBatch` given as the mask
-runs attention per sequence over a flat run of variable-length sequences (varlen.py).
+Without attention quantizers the fused SDPA kernel stays in use.
+
+A mask may also be an object that computes attention itself: anything with a method
+`attention(q, k, v, dropout_p, dense)` ([B, H, N, hd] in and out; `dense(q, k, v)` is this module's
+explicit attention when it must be used, else None). varlen.py's `VarlenBatch` (variable-length
+runs) and DynamicViT's keep policy are such masks; timm's blocks hand them on unchanged.
 """
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from timm.layers.attention import Attention
-
-from dtpclip.encoders.varlen import VarlenBatch
 
 
 def as_additive_mask(attn_mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -58,7 +60,7 @@ class HookedAttention(Attention):
     def _attend(self, q, k, v, attn_mask, is_causal, size):
         fused = not self.quantized and self.fused_attn
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if isinstance(attn_mask, VarlenBatch):
+        if callable(getattr(attn_mask, "attention", None)):
             return attn_mask.attention(q, k, v, dropout_p, None if fused else self._explicit_attention)
         if size is not None:
             attn_mask = with_log_size(attn_mask, size, q.dtype)
