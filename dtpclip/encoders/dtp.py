@@ -4,11 +4,20 @@ Dynamic token pooling after Nawrot et al. 2023, "Efficient Transformers with Dyn
 Pooling" (github.com/PiotrNawrot/dynamic-pooling), carried to ViTs as in the DTP-ViT / DRIP
 CLIP runs: `pre_layers` full blocks, a boundary predictor on the patch tokens, segment-mean
 pooling, then the remaining blocks over the shortened sequence.
+
+Two of the reference's boundary predictors (`boundary_predictor=`):
+  'gumbel'   (default) a Gumbel-sigmoid per patch, trained end to end through the pooling, its rate
+             held at the prior by a binomial loss (`BoundaryPredictor`).
+  'entropy'  boundaries where an auxiliary predictor's entropy spikes (`NextPatchEntropy`): the
+             boundary MLP is trained by BCE to predict the spikes and thresholded at 0.5, in
+             training as at eval (deterministic; no gradient through the pooling), as the reference.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.distributions import Binomial, RelaxedBernoulli
 
@@ -51,9 +60,16 @@ class BoundaryPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, D] -> boundaries [B, L] in {0, 1}."""
-        logits = self.mlp(x).squeeze(-1).float()
+        return self.decide(self.logits(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L, D] -> boundary logits [B, L] (fp32)."""
+        return self.mlp(x).squeeze(-1).float()
+
+    def decide(self, logits: torch.Tensor) -> torch.Tensor:
+        """Boundary logits -> boundaries by the training / eval rule above."""
         if self.training or self.eval_boundaries == "sample":
-            soft = RelaxedBernoulli(torch.tensor(self.temperature, device=x.device), logits=logits).rsample()
+            soft = RelaxedBernoulli(torch.tensor(self.temperature, device=logits.device), logits=logits).rsample()
             hard = (soft > self.threshold).to(soft.dtype)
             return hard - soft.detach() + soft
         probs = torch.sigmoid(logits)
@@ -69,6 +85,67 @@ class BoundaryPredictor(nn.Module):
         prior = torch.tensor(self.prior, device=boundaries.device, dtype=torch.float32)
         binomial = Binomial(total_count=length, probs=prior, validate_args=False)
         return -binomial.log_prob(boundaries.float().sum(-1)).mean() / length
+
+
+def entropy_spikes(entropy: torch.Tensor, spikes_left: int = 2) -> torch.Tensor:
+    """The reference's `get_spikes` along dim 1 ([B, L]): position t is a spike when its entropy exceeds the
+    entropy at each of the `spikes_left` positions before it (the first positions, with fewer before them,
+    compared with those they have; so position 0 always is)."""
+    spikes = torch.ones_like(entropy, dtype=torch.bool)
+    for lag in range(1, spikes_left + 1):
+        spikes[:, lag:] &= entropy[:, lag:] > entropy[:, :-lag]
+    return spikes
+
+
+class NextPatchEntropy(nn.Module):
+    """The reference's entropy-spike targets, adapted to patches.
+
+    In the reference the entropy is that of the language model's next-token distribution, which in a
+    causal model at position t has seen tokens <= t only. A ViT has no such model, so this adds one, as
+    small and as causal as it gets: from the embedding of patch t alone (patch projection + position,
+    before any block mixes patches; detached, so it observes the encoder without training it) a head
+    predicts the next patch in raster order as one of levels^3 codes, its mean colour per channel in
+    `levels` fixed bins of the normalised image (edges evenly in [-2, 2]). Its cross-entropy on the true
+    next codes trains it (part of `aux_loss`); the entropy of its prediction at t is how unpredictable the
+    next patch is, and its spikes (`entropy_spikes`, spikes_left 2 as the reference's configs) are the
+    targets: a boundary closes the segment at t when what follows is a surprise. The boundary MLP itself
+    reads the tokens after the pre-layers, which have seen the whole image: an encoder decides with all of
+    its input, only the targets must not see the patch they predict.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, patch_size, levels: int = 4, spikes_left: int = 2):
+        super().__init__()
+        if levels < 2 or spikes_left < 1:
+            raise ValueError(f"entropy boundaries need levels >= 2 and spikes_left >= 1, got {levels}, {spikes_left}")
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden_dim), nn.GELU(),
+                                  nn.Linear(hidden_dim, levels ** 3))
+        self.patch_size, self.levels, self.spikes_left = tuple(patch_size), levels, spikes_left
+        self.register_buffer("edges", torch.linspace(-2.0, 2.0, levels + 1)[1:-1], persistent=False)
+
+    def codes(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> each patch's colour code [B, L] in raster order."""
+        colour = F.avg_pool2d(images.float(), self.patch_size).flatten(2).transpose(1, 2)  # [B, L, 3]
+        bins = torch.bucketize(colour.contiguous(), self.edges)
+        return (bins * bins.new_tensor([self.levels ** 2, self.levels, 1])).sum(-1)
+
+    def next_code_log_probs(self, embedded: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings [B, L, D] -> log-probabilities of the next patch's code [B, L, levels^3]."""
+        return self.head(embedded.detach()).float().log_softmax(-1)
+
+    def forward(self, embedded: torch.Tensor, images: torch.Tensor):
+        """Patch embeddings [B, L, D] and images -> (spike targets [B, L] bool, the head's loss)."""
+        log_probs = self.next_code_log_probs(embedded)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        head_loss = F.nll_loss(log_probs[:, :-1].flatten(0, 1), self.codes(images)[:, 1:].flatten())
+        return entropy_spikes(entropy.detach(), self.spikes_left), head_loss
+
+
+class Pooled(NamedTuple):
+    tokens: torch.Tensor  # [B, N, D], padding zeroed
+    token_mask: torch.Tensor  # [B, N]
+    boundaries: torch.Tensor  # [B, L]
+    logits: torch.Tensor  # [B, L] the boundary predictor's
+    embedded: torch.Tensor  # [B, prefix + L, D] the tokens before the first block
 
 
 def segment_ids(boundaries: torch.Tensor) -> torch.Tensor:
@@ -113,16 +190,21 @@ class DTPViT(PlainViT):
     token_layout: 'varlen' runs the shortened layers on the real tokens only, each image attending to
     itself (see varlen.py), so wall-clock and memory follow the pooled token count; 'padded' pads
     every image to the longest and masks the padded keys (the reference path, kept to check against).
+    boundary_predictor: 'gumbel' or 'entropy' (module docstring); entropy_levels, spikes_left: the
+    entropy targets' colour bins per channel and spike width (`NextPatchEntropy`). Entropy boundaries
+    fall where the spikes do (about a third of the patches with spikes_left 2), not at `compression`.
     """
 
-    fresh_parameter_prefixes = ("boundary_predictor.",)
+    BOUNDARY_PREDICTORS = ("gumbel", "entropy")
+    fresh_parameter_prefixes = ("boundary_predictor.", "entropy_predictor.")
     has_aux_loss = True  # the boundary loss
     mergeable = False  # it pools its own tokens into variable-length segments
     TOKEN_LAYOUTS = ("varlen", "padded")
 
     def __init__(self, compression: float = 0.25, pre_layers: int = 2, temperature: float = 0.5,
                  threshold: float = 0.5, eval_boundaries: str = "expected", predictor_hidden_dim=None,
-                 token_layout: str = "varlen", global_pool: str = "avg", **kwargs):
+                 token_layout: str = "varlen", boundary_predictor: str = "gumbel", entropy_levels: int = 4,
+                 spikes_left: int = 2, global_pool: str = "avg", **kwargs):
         super().__init__(global_pool=global_pool, **kwargs)
         if not 0 < pre_layers < len(self.blocks):
             raise ValueError(f"pre_layers must be in [1, depth - 1] = [1, {len(self.blocks) - 1}], got {pre_layers}")
@@ -133,8 +215,15 @@ class DTPViT(PlainViT):
         for block in self.blocks[pre_layers:]:  # the shortened blocks read a VarlenBatch as their mask
             hook_attention(block.attn)
         hidden = predictor_hidden_dim or self.blocks[0].mlp.fc1.out_features
+        if boundary_predictor not in self.BOUNDARY_PREDICTORS:
+            raise ValueError(f"boundary_predictor must be one of {self.BOUNDARY_PREDICTORS}, got {boundary_predictor!r}")
+        self.boundary_kind = boundary_predictor
         self.boundary_predictor = BoundaryPredictor(
-            self.embed_dim, hidden, compression, temperature, threshold, eval_boundaries)
+            self.embed_dim, hidden, compression, temperature, threshold,
+            "threshold" if boundary_predictor == "entropy" else eval_boundaries)
+        if boundary_predictor == "entropy":
+            self.entropy_predictor = NextPatchEntropy(self.embed_dim, hidden, self.patch_embed.patch_size,
+                                                      entropy_levels, spikes_left)
 
     @property
     def shortened_layers(self) -> int:
@@ -166,20 +255,23 @@ class DTPViT(PlainViT):
         """Tokens after the pre-layers -> (prefix + segment tokens, their token_mask [B, N], boundaries [B, L],
         tokens per image as a list). Reading the segment counts is the forward's one host sync."""
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
-        boundaries = self.boundary_predictor(patches)
+        logits = self.boundary_predictor.logits(patches)
+        if self.boundary_kind == "entropy":  # the reference's rule: p > threshold, no gradient through pooling
+            boundaries = (torch.sigmoid(logits) > self.boundary_predictor.threshold).float()
+        else:
+            boundaries = self.boundary_predictor.decide(logits)
         host_counts = count_segments(boundaries).tolist()
         segments, segment_mask = segment_pool(patches, boundaries, max(host_counts))
         token_mask = torch.cat([segment_mask.new_ones(prefix.shape[:2]), segment_mask], dim=1)
         host_lengths = [count + self.num_prefix_tokens for count in host_counts]
-        return torch.cat([prefix, segments], dim=1), token_mask, boundaries, host_lengths
+        return torch.cat([prefix, segments], dim=1), token_mask, boundaries, host_lengths, logits
 
-    def forward_pooled(self, images: torch.Tensor):
-        """images -> (tokens [B, N, D] with padding zeroed, token_mask [B, N], boundaries [B, L])."""
-        x = self._embed(images)
+    def forward_pooled(self, images: torch.Tensor) -> Pooled:
+        embedded = x = self._embed(images)
         for block in self.blocks[: self.pre_layers]:
             x = self._run_block(block, x)
-        x, token_mask, boundaries, host_lengths = self._pool_segments(x)
-        return self._forward_shortened(x, token_mask, host_lengths)[0], token_mask, boundaries
+        x, token_mask, boundaries, host_lengths, logits = self._pool_segments(x)
+        return Pooled(self._forward_shortened(x, token_mask, host_lengths)[0], token_mask, boundaries, logits, embedded)
 
     def _forward_shortened(self, x: torch.Tensor, token_mask: torch.Tensor, host_lengths: list, taps=(),
                            norm_taps: bool = False, stop: int = None):
@@ -229,7 +321,7 @@ class DTPViT(PlainViT):
             if index in take:
                 taken[index] = self.norm(tokens) if norm else tokens
         if stop > self.pre_layers:
-            tokens, token_mask, _, host_lengths = self._pool_segments(tokens)
+            tokens, token_mask, _, host_lengths, _ = self._pool_segments(tokens)
             tokens, shortened = self._forward_shortened(tokens, token_mask, host_lengths, take, norm, stop)
             taken.update(shortened)
             masks.update(dict.fromkeys(shortened, token_mask))
@@ -262,16 +354,29 @@ class DTPViT(PlainViT):
         x = self.head_drop(self.fc_norm(self.pool(x, token_mask=token_mask)))
         return x if pre_logits else self.head(x)
 
+    def boundary_loss(self, out: Pooled, images: torch.Tensor):
+        """(aux loss, extra stats): the binomial prior loss (gumbel), or BCE to the entropy spikes plus the
+        entropy head's own loss (entropy; the reference's BCEWithLogitsLoss, here on the logits, where the
+        reference hands it probabilities)."""
+        if self.boundary_kind == "gumbel":
+            return self.boundary_predictor.loss(out.boundaries), {}
+        spikes, head_loss = self.entropy_predictor(out.embedded[:, self.num_prefix_tokens:], images)
+        bce = F.binary_cross_entropy_with_logits(out.logits, spikes.float())
+        return bce + head_loss, {"spike_ratio": spikes.float().mean(),
+                                 "spike_accuracy": (out.boundaries.bool() == spikes).float().mean()}
+
     def encode(self, images: torch.Tensor) -> EncoderOutput:
-        tokens, token_mask, boundaries = self.forward_pooled(images)
-        hard = boundaries.detach()
+        out = self.forward_pooled(images)
+        hard = out.boundaries.detach()
+        aux_loss, extra = self.boundary_loss(out, images)
         stats = {
             "boundary_ratio": hard.mean(),
             "boundaries_per_image": hard.sum(-1).mean(),
-            "tokens_per_image": token_mask.sum(-1).to(hard.dtype).mean(),
+            "tokens_per_image": out.token_mask.sum(-1).to(hard.dtype).mean(),
+            **extra,
         }
-        pooled = self.forward_head(tokens, pre_logits=True, token_mask=token_mask)
-        return EncoderOutput(tokens, token_mask, pooled, self.boundary_predictor.loss(boundaries), stats)
+        pooled = self.forward_head(out.tokens, pre_logits=True, token_mask=out.token_mask)
+        return EncoderOutput(out.tokens, out.token_mask, pooled, aux_loss, stats)
 
     @torch.no_grad()
     def token_groups(self, images: torch.Tensor):
@@ -281,8 +386,11 @@ class DTPViT(PlainViT):
         return segment_ids(boundaries).view(-1, *grid), boundaries.view(-1, *grid)
 
     def settings(self) -> dict:
+        if self.boundary_kind == "entropy":
+            return {"boundary_predictor": "entropy", "pre_layers": self.pre_layers}
         return {"compression": self.boundary_predictor.prior, "pre_layers": self.pre_layers}
 
 
 register_vit_family("dtp", DTPViT, "dtp_vit_{size}", "DTP-ViT-{tag}", feature_cfg=TOKEN_FEATURE_CFG,
-                    variants={"": {}, **{k: {"compression": v} for k, v in COMPRESSIONS.items()}})
+                    variants={"": {}, **{k: {"compression": v} for k, v in COMPRESSIONS.items()},
+                              "entropy": {"boundary_predictor": "entropy"}})
