@@ -1,6 +1,7 @@
 """python -m dtpclip.quantize: RepQ-style post-training quantization (+ QwT) of a checkpoint's encoder.
 
-Calibrates on `--calib-images` (32, RepQ-ViT's count) images and writes a dtpclip checkpoint
+Calibrates on `--calib-images` (32, RepQ-ViT's count) images (with `--qwt`, QwT fits its compensation
+on `--qwt-images`, 512 as its ImageNet script, the first 32 of them shared) and writes a dtpclip checkpoint
 directory (model.safetensors + config.json with the model name, its kwargs, the transforms applied
 and the "quantization" structure) that `python -m dtpclip.zeroshot`, `dtpclip.classify` and
 `dtpclip.profile` load as they load any checkpoint (`dtpclip.factory.restore_structure`).
@@ -33,7 +34,10 @@ def make_arg_parser():
     parser.add_argument("--calib-data", default=None,
                         help="eval-set directory or train shard spec; None: the demo's train shards")
     parser.add_argument("--calib-split", default="test", help="split folder of an eval-set --calib-data")
-    parser.add_argument("--calib-images", type=int, default=32, help="calibration images")
+    parser.add_argument("--calib-images", type=int, default=32, help="images the quantizers calibrate on (RepQ-ViT's 32)")
+    parser.add_argument("--qwt-images", type=int, default=512,
+                        help="with --qwt: images QwT fits its compensation on (its ImageNet script's 512; the first "
+                             "--calib-images of them also calibrate the quantizers)")
     parser.add_argument("--batch-size", type=int, default=16, help="calibration images per forward")
     parser.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="which calibration images are picked")
@@ -90,7 +94,8 @@ def main(argv=None, args=None) -> dict:
     args = args or parse_args(make_arg_parser(), argv)
     args.device = args.device or default_device()
     source = resolve_model(args.checkpoint, args.model, args.model_kwargs)
-    new_specs = [*args.transforms, f"ptq:w={args.w_bits},a={args.a_bits},qwt={args.qwt}"]
+    new_specs = [*args.transforms, f"ptq:w={args.w_bits},a={args.a_bits},qwt={args.qwt},repq_images={args.calib_images}"]
+    images = max(args.calib_images, args.qwt_images) if args.qwt else args.calib_images
     calib = args.calib_data or default_calibration_source()
     tag = f"quantized_w{args.w_bits}a{args.a_bits}" + ("_qwt" if args.qwt else "")
     out = args.out or default_out(Path(source.weights), tag)
@@ -98,13 +103,14 @@ def main(argv=None, args=None) -> dict:
     start = time.perf_counter()
     model, encoder, preprocess, saved_as = build_model(source.name, source.weights, source.model_kwargs)
     model.to(args.device).eval()
-    batches = calibration_batches(new_specs, calib, preprocess, args.calib_images, args.batch_size, args.device,
+    batches = calibration_batches(new_specs, calib, preprocess, images, args.batch_size, args.device,
                                   args.calib_split, args.seed)
     apply_transforms(encoder, new_specs, batches)
     config = {"model": saved_as, "model_kwargs": source.model_kwargs,
               "transforms": [*source.config.get("transforms", []), *new_specs],  # the saved ones came with the weights
               "quantization": quant_config(encoder), "source_checkpoint": str(source.weights),
-              "calib_data": str(calib), "calib_images": sum(len(b) for b in batches)}
+              "calib_data": str(calib), "calib_images": min(args.calib_images, sum(len(b) for b in batches)),
+              **({"qwt_images": sum(len(b) for b in batches)} if args.qwt else {})}
     out = save_checkpoint_dir(model, out, config)
     result = {**config, "out": str(out), "seconds": time.perf_counter() - start}
     eval_data = args.eval_data or (demo_eval_dir() if args.checkpoint is None else "none")

@@ -130,7 +130,7 @@ def test_tome_plus_ptq_runs_with_fewer_tokens_and_refuses_qwt(images):
 
 
 def test_dtp_vit_ptq_with_qwt_builds_and_runs(images):
-    """Calibration batches of different token counts (packed rows of 53 and 36 tokens here) are fine."""
+    """Calibration batches of different token counts (flat runs of different lengths) are fine."""
     model = apply_ptq(tiny("dtp_vit_tiny_patch8_64_4x"), 4, 4, calib(8) + calib(2, seed=3), qwt=True)
     out = model.encode(images)
     assert out.tokens.shape[0] == 3 and out.tokens.shape[2] == 32 and torch.isfinite(out.tokens).all()
@@ -142,11 +142,11 @@ def test_quantize_cli_checkpoint_reads_back_identically(tmp_path_factory, tmp_pa
     data = make_wds(tmp_path / "evalset", [i % 3 for i in range(9)])
     out = tmp_path / "w4a4"
     result = quantize.main(["--model", name, "--checkpoint", str(path), "--calib-data", str(data),
-                            "--calib-images", "8", "--qwt", "--out", str(out)])
+                            "--calib-images", "8", "--qwt", "--qwt-images", "8", "--out", str(out)])
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == name and config["quantization"] == {"method": "repq", "w_bits": 4, "a_bits": 4,
                                                                    "qwt": True}
-    assert result["calib_images"] == 8
+    assert result["calib_images"] == 8 and result["qwt_images"] == 8
 
     # the same quantization in memory (same images, deterministic calibration)
     expected, _, preprocess = create_clip_and_transforms(name, pretrained=str(path))
@@ -206,3 +206,18 @@ def test_default_out_stays_outside_the_step_directories_training_prunes(tmp_path
     assert quantize.default_out(run / "clip.safetensors", "quantized_w8a8") == run / "quantized_w8a8_clip"
     step = run / "checkpoints" / "step_00000010" / "model.safetensors"  # a training run's layout
     assert quantize.default_out(step, "quantized_w4a4") == run / "quantized_w4a4_step_00000010"
+
+
+def test_qwt_fits_on_more_images_than_the_quantizers_calibrate_on():
+    """RepQ's 32 calibrate the quantizers, QwT's 512 fit the compensation: here 2 of 6 images against all 6."""
+    from dtpclip.encoders.ptq import leading_images
+    batches = calib(4) + calib(2, seed=3)
+    assert [len(b) for b in leading_images(batches, 5)] == [4, 1]
+    few = apply_ptq(tiny(), 4, 4, leading_images(batches, 2), qwt=True)
+    split = apply_ptq(tiny(), 4, 4, batches, qwt=True, repq_images=2)
+    every = apply_ptq(tiny(), 4, 4, batches, qwt=True)
+    quantizer = [m for m in split.modules() if hasattr(m, "scale") and m.__class__.__name__ == "UniformQuantizer"][1]
+    assert torch.equal(quantizer.scale, [m for m in few.modules() if m.__class__.__name__ == "UniformQuantizer"][1].scale)
+    assert not torch.equal(split.blocks[0].qwt.weight, few.blocks[0].qwt.weight)  # fitted on all six
+    assert not torch.equal(quantizer.scale, [m for m in every.modules()
+                                             if m.__class__.__name__ == "UniformQuantizer"][1].scale)

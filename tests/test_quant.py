@@ -56,6 +56,20 @@ def test_lsq_init_is_two_mean_abs_over_sqrt_qp():
     assert quant.step.item() == pytest.approx(2 * 0.9375 / math.sqrt(7))
 
 
+def test_two_bit_attention_probabilities_take_the_studys_levels():
+    """(0, 1, 2) at 2 bits (the ViT-Lite study's better choice), not [0, 3]; asymmetric keeps all four."""
+    assert quant_range(2, signed=False, symmetric=True) == (0, 2)
+    assert quant_range(2, signed=False, symmetric=False) == (0, 3)
+    assert quant_range(4, signed=False, symmetric=True) == (0, 14)
+    model = quantize_model(tiny("plain_vit_tiny_patch8_64"), 2, 2, scope="linear+attn")
+    quant = model.blocks[0].attn.attn_quant
+    assert (quant.qn, quant.qp) == (0, 2)
+    with torch.no_grad():
+        quant.initialize(torch.ones(1))
+        quant.step.fill_(0.25)
+    assert quant(torch.tensor([0.0, 0.1, 0.2, 0.4, 0.9])).tolist() == [0.0, 0.0, 0.25, 0.5, 0.5]
+
+
 def test_lsq_two_bits_symmetric_is_ternary():
     assert quant_range(2, signed=True, symmetric=True) == (1, 1)
     quant = LSQQuantizer(bits=2)
@@ -67,7 +81,7 @@ def test_lsq_two_bits_symmetric_is_ternary():
 
 
 def test_lsq_plus_offset_covers_the_first_batch_range():
-    quant = LSQQuantizer(bits=2, signed=False, learned_offset=True)
+    quant = LSQQuantizer(bits=2, signed=False, symmetric=False, learned_offset=True)
     v = torch.tensor([1.0, 1.4, 1.6, 4.0])
     out = quant(v)
     assert quant.offset.item() == pytest.approx(1.0) and quant.step.item() == pytest.approx(1.0)

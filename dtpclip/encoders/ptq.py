@@ -301,9 +301,22 @@ def _install(vit: nn.Module, w_bits: int, a_bits: int, per_channel_inputs: set) 
 
 
 @torch.no_grad()
-def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Tensor], qwt: bool = False) -> nn.Module:
-    """RepQ-style PTQ of `model`'s ViT in place on calibration batches (32 images: RepQ-ViT's count),
-    then QwT when `qwt`; returns `model`. Run in eval mode; the model's weights change (folding)."""
+def leading_images(batches: List[torch.Tensor], count: int) -> List[torch.Tensor]:
+    """The first `count` images of a list of batches, as batches (the last one cut)."""
+    taken = []
+    for batch in batches:
+        if count <= 0:
+            break
+        taken.append(batch[:count])
+        count -= len(taken[-1])
+    return taken
+
+
+def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Tensor], qwt: bool = False,
+              repq_images: Optional[int] = None) -> nn.Module:
+    """RepQ-style PTQ of `model`'s ViT in place on calibration batches, then QwT when `qwt`; returns `model`.
+    The quantizers calibrate on the first `repq_images` images (None: all; RepQ-ViT uses 32) and QwT fits its
+    compensation on all of them (QwT's ImageNet script: 512). Run in eval mode; the weights change (folding)."""
     check_bits(w_bits, "weight bits (--w-bits)")
     check_bits(a_bits, "activation bits (--a-bits)")
     if not images:
@@ -315,7 +328,7 @@ def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Ten
     _install(vit, w_bits, a_bits, post_norm)
     _set_modes(vit, "calib", kinds=("act",))
     _set_modes(vit, "off", kinds=("weight",))
-    for batch in images:
+    for batch in leading_images(images, repq_images) if repq_images is not None else images:
         vit.encode(batch)
     for m in vit.modules():
         if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer)) and m.mode == "calib":
@@ -347,12 +360,12 @@ def restore_ptq(model: nn.Module, config: dict) -> nn.Module:
 
 
 def _apply_ptq_transform(model: nn.Module, calibration: List[torch.Tensor], w: int = REQUIRED, a: int = REQUIRED,
-                         qwt: bool = False) -> None:
-    apply_ptq(model, w, a, calibration, qwt=qwt)
+                         qwt: bool = False, repq_images: int = 32) -> None:
+    apply_ptq(model, w, a, calibration, qwt=qwt, repq_images=repq_images)
 
 
 QUANT_RESTORERS["repq"] = restore_ptq
-register_transform("ptq", _apply_ptq_transform, {"w": REQUIRED, "a": REQUIRED, "qwt": False},
+register_transform("ptq", _apply_ptq_transform, {"w": REQUIRED, "a": REQUIRED, "qwt": False, "repq_images": 32},
                    lambda encoder: getattr(encoder, "quantizable", False), calibration=True,
                    example="ptq:w=8,a=8",
                    summary="RepQ-style post-training quantization at w/a bits, optionally with QwT compensation",

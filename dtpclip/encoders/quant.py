@@ -13,12 +13,13 @@ Fig. 2), github.com/zhutmost/lsq-net.
 The patch layer (ToMe style: swap module classes in place, keep the encoder's weights and names):
 every `nn.Linear` inside the transformer blocks becomes a `QuantLinear` (weights + input
 activations quantized), and with scope 'linear+attn' every attention module (the shared
-`HookedAttention`) also quantizes q, k, v and the post-softmax probabilities (unsigned: the summary seed found (0, 1, 2) better than
+`HookedAttention`) also quantizes q, k, v and the post-softmax probabilities (unsigned, with the
+symmetric scheme's level count: at 2 bits (0, 1, 2), which the summary seed found better than
 (-1, 0, 1) for attention). The patch embedding (first layer), DTP's boundary predictor, the final
 norm and the head / CLIP projection (last layer) stay in float, as is conventional (LSQ keeps
 first and last layers at 8 bits; float is the stricter-accuracy choice and the one the PTQ
 literature, RepQ-ViT included, reports). The same patch covers PlainViT, ViT-Lite, DTP-ViT (its
-padded and packed paths run the same blocks) and ToMe-patched ViTs (apply ToMe first).
+padded and varlen paths run the same blocks) and ToMe-patched ViTs (apply ToMe first).
 `dtpclip.encoders.ptq` reuses this layer with RepQ-style post-training quantizers.
 """
 import math
@@ -57,10 +58,12 @@ def check_bits(bits, what: str = "bit width") -> int:
 
 def quant_range(bits: int, signed: bool, symmetric: bool = True) -> Tuple[int, int]:
     """(Qn, Qp): signed symmetric [-(2^(b-1) - 1), 2^(b-1) - 1] (2 bits: ternary {-1, 0, 1}),
-    signed asymmetric [-2^(b-1), 2^(b-1) - 1] (the LSQ paper's), unsigned [0, 2^b - 1]."""
+    signed asymmetric [-2^(b-1), 2^(b-1) - 1] (the LSQ paper's); unsigned symmetric: the same 2^b - 1
+    levels from 0, [0, 2^b - 2] (2 bits: (0, 1, 2), the attention levels the ViT-Lite study found better
+    than (-1, 0, 1)); unsigned asymmetric [0, 2^b - 1]."""
     check_bits(bits)
     if not signed:
-        return 0, 2 ** bits - 1
+        return 0, 2 ** bits - (2 if symmetric else 1)
     half = 2 ** (bits - 1)
     return (half - 1 if symmetric else half), half - 1
 

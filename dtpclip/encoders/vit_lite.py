@@ -11,6 +11,8 @@ norm2 = the reference's norm1). Parameters with 10 classes: 3,190,538 (the paper
 tokenizer 3*16*256 + 256 = 12,544; class token 256; positional embedding 65*256 = 16,640;
 per layer 2*512 (norms) + 256*768 (qkv) + 256*257 (proj) + 256*512 + 512 (fc1) + 512*256 + 256 (fc2)
 = 526,336, times 6 = 3,158,016; final norm 512; head 256*10 + 10 = 2,570.
+Training regularisation as CCT's `ViTLite` defaults: attention dropout 0.1 and stochastic depth 0.1
+(linear over the layers, as both CCT and timm space it), no other dropout.
 timm's initialisation is kept (the reference draws the positional embedding with std 0.2).
 """
 from functools import partial
@@ -43,7 +45,8 @@ class ViTLite(PlainViT):
 
     def __init__(self, **kwargs):
         defaults = dict(pre_norm=False, qkv_bias=False, class_token=True, global_pool="token", num_classes=10,
-                        norm_layer=partial(nn.LayerNorm, eps=1e-5), block_fn=LiteBlock)
+                        norm_layer=partial(nn.LayerNorm, eps=1e-5), block_fn=LiteBlock, attn_drop_rate=0.1,
+                        drop_path_rate=0.1)
         super().__init__(**{**defaults, **kwargs})
 
 
