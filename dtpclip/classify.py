@@ -20,7 +20,7 @@ stratified, seeded `--val-fraction` of the train data is held out (read into mem
 import os
 
 from dtpclip.cli import add_model_kwargs, early_args, make_parser, parse_args, run_main
-from dtpclip.specs import FEATURE_LOSSES, LOGIT_LOSSES, QUANT_SCOPES
+from dtpclip.specs import FEATURE_LOSSES, LOGIT_LOSSES, LSQ_GRAD_SCALES, QUANT_SCOPES
 
 MODES = ("linear", "finetune", "scratch")
 # head learning rate per mode when --lr is not given: a probe on cached features takes a large
@@ -60,6 +60,9 @@ def make_arg_parser():
     parser.add_argument("--a-bits", type=int, default=None, help="LSQ: activation bits; None: float")
     parser.add_argument("--quant-scope", default="linear", choices=QUANT_SCOPES,
                         help="LSQ: the blocks' Linears, or also attention (q, k, v, probabilities)")
+    parser.add_argument("--lsq-grad-scale", default="paper", choices=LSQ_GRAD_SCALES,
+                        help="LSQ: the activations' N in the step gradient scale 1/sqrt(N Qp): one example's "
+                             "features (the paper's N_F) or the batch's elements (lsq-net's)")
     parser.add_argument("--save", default=None, help="write the trained encoder + head as a checkpoint directory "
                         "(model.safetensors + config.json): a --checkpoint or teacher for the next KD step")
     parser.add_argument("--teacher", default=None, help="distil from this classifier (registry or open_clip name; "
@@ -366,7 +369,7 @@ def main(argv=None, args=None) -> dict:
     torch.manual_seed(args.seed)
     encoder = build_encoder(name, args.mode, weights, **model_kwargs)
     if args.w_bits is not None or args.a_bits is not None:  # LSQ QAT: the KD chain's 4-bit / 2-bit steps
-        quantize_model(encoder, args.w_bits, args.a_bits, args.quant_scope)
+        quantize_model(encoder, args.w_bits, args.a_bits, args.quant_scope, grad_scale=args.lsq_grad_scale)
     train_tf, eval_tf = encoder_transforms(encoder)
     if args.mode == "linear":
         train_tf = eval_tf  # features are computed once: no augmentation

@@ -31,5 +31,6 @@ def parse_kwargs(items: Iterable[str], what: str = "--model-kwargs") -> dict:
 
 
 QUANT_SCOPES = ("linear", "linear+attn")  # what LSQ quantizes: the blocks' Linears, or also attention
+LSQ_GRAD_SCALES = ("paper", "lsq-net")  # N of LSQ's step gradient scale for activations: an example's, the batch's
 LOGIT_LOSSES = ("logit", "dkd")  # logit distillation: KD, decoupled KD
 FEATURE_LOSSES = ("cos", "mse")  # block-feature distillation

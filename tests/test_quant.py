@@ -37,16 +37,18 @@ def test_lsq_step_gradient_equals_paper_eq3():
     assert expected[0] == -4 and expected[-1] == 3  # both clipped cases are exercised
 
 
-def test_lsq_activation_gradient_scale_uses_features_per_token():
-    quant = LSQQuantizer(bits=4, grad_elements=8)
-    v = torch.randn(5, 8)
+@pytest.mark.parametrize("grad_scale, elements", [("paper", 6 * 8), ("lsq-net", 5 * 6 * 8)])
+def test_lsq_activation_gradient_scale_counts_one_examples_features_or_the_batchs(grad_scale, elements):
+    """The paper's N_F: one example's features (6 tokens x 8 channels here); lsq-net's: the batch's elements."""
+    quant = LSQQuantizer(bits=4, activation=True, grad_scale=grad_scale)
+    v = torch.randn(5, 6, 8)
     quant(v)  # initialises
     quant.step.grad = None
     quant(v).sum().backward()
     s = quant.step.detach()
     inside = (v / s).abs() < quant.qp
     ds = torch.where(inside, -v / s + (v / s).round(), quant.qp * torch.sign(v))
-    assert quant.step.grad.item() == pytest.approx(float(ds.sum()) / math.sqrt(8 * quant.qp), rel=1e-4)
+    assert quant.step.grad.item() == pytest.approx(float(ds.sum()) / math.sqrt(elements * quant.qp), rel=1e-4)
 
 
 def test_lsq_init_is_two_mean_abs_over_sqrt_qp():

@@ -3,8 +3,11 @@
 LSQ: Esser et al. 2020, "Learned Step Size Quantization" (ICLR 2020, arXiv 1902.08153). A value v
 is quantized as v_hat = round(clamp(v / s, -Qn, Qp)) * s with a learned step s; the rounding
 passes gradients straight through, so ds follows the paper's Eq. 3 (-v/s + round(v/s) inside the
-range, -Qn or Qp outside), times the gradient scale g = 1 / sqrt(N * Qp) (N: the weight's number
-of elements, or the number of features per token for activations). s starts at
+range, -Qn or Qp outside), times the gradient scale g = 1 / sqrt(N * Qp): N is the weight's number
+of elements, and for activations the paper's N_F, the features of one example (tokens x channels
+entering a Linear; heads x tokens x head_dim for q, k, v), or with `grad_scale='lsq-net'` the whole
+batch's elements as zhutmost/lsq-net computes it. (DTP's flat runs hold a batch's tokens in one
+row, so there N_F is the batch's.) s starts at
 2 * mean(|v|) / sqrt(Qp) on the first batch it sees. LSQ+ (Bhalgat et al. 2020, arXiv 2004.09576)
 adds a learned offset beta: v_hat = round(clamp((v - beta) / s, -Qn, Qp)) * s + beta, started
 from the first batch's min / max. Reference implementations read: the paper's pseudo-code (its
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from dtpclip.encoders.attention import hook_attention
-from dtpclip.specs import QUANT_SCOPES
+from dtpclip.specs import LSQ_GRAD_SCALES as GRAD_SCALES, QUANT_SCOPES
 from dtpclip.encoders.vit import find_vit
 
 
@@ -71,16 +74,18 @@ def quant_range(bits: int, signed: bool, symmetric: bool = True) -> Tuple[int, i
 class LSQQuantizer(nn.Module):
     """Per-tensor LSQ (or LSQ+ with `learned_offset`) fake quantizer; see the module docstring.
 
-    grad_elements: N of g = 1 / sqrt(N * Qp); None: the number of elements of the first input
-    (weights) -- activation quantizers pass the features per token.
+    activation: N of g = 1 / sqrt(N * Qp) counts one example's elements ('paper') or the batch's
+    ('lsq-net'); for weights N is their number of elements either way.
     """
 
     def __init__(self, bits: int, signed: bool = True, symmetric: bool = True, learned_offset: bool = False,
-                 grad_elements: Optional[int] = None):
+                 activation: bool = False, grad_scale: str = "paper"):
         super().__init__()
+        if grad_scale not in GRAD_SCALES:
+            raise ValueError(f"LSQ grad_scale must be one of {GRAD_SCALES}, got {grad_scale!r}")
         self.bits, self.signed, self.symmetric, self.learned_offset = bits, signed, symmetric, learned_offset
         self.qn, self.qp = quant_range(bits, signed, symmetric)
-        self.grad_elements = grad_elements
+        self.activation, self.grad_scale = activation, grad_scale
         self.step = nn.Parameter(torch.tensor(1.0))
         self.offset = nn.Parameter(torch.tensor(0.0)) if learned_offset else None
         self.register_buffer("initialized", torch.tensor(False))
@@ -100,7 +105,7 @@ class LSQQuantizer(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not self.initialized:
             self.initialize(v)
-        n = self.grad_elements or v.numel()
+        n = v[0].numel() if self.activation and self.grad_scale == "paper" and v.dim() > 1 else v.numel()
         s = grad_scale(self.step, 1.0 / math.sqrt(n * self.qp))
         beta = 0.0 if self.offset is None else grad_scale(self.offset, 1.0 / math.sqrt(n * self.qp))
         return round_pass(((v - beta) / s).clamp(-self.qn, self.qp)) * s + beta
@@ -161,12 +166,13 @@ def patch_blocks(vit: VisionTransformer, make_linear_quants: Callable, make_attn
 
 
 def quantize_model(model: nn.Module, w_bits: Optional[int], a_bits: Optional[int], scope: str = "linear",
-                   symmetric: bool = True, learned_offset: bool = False) -> nn.Module:
+                   symmetric: bool = True, learned_offset: bool = False, grad_scale: str = "paper") -> nn.Module:
     """LSQ quantization-aware training patch, in place; returns `model`.
 
     Weights: signed, per tensor; activations entering Linears, q, k, v: signed; attention
     probabilities: unsigned. None bits leave weights (or activations) float: the summary seed's
-    weight-only and activation-only runs. symmetric: 2 bits is ternary; learned_offset: LSQ+. The
+    weight-only and activation-only runs. symmetric: 2 bits is ternary; learned_offset: LSQ+; grad_scale:
+    the activations' N in LSQ's g ('paper' or 'lsq-net', see LSQQuantizer). The
     step sizes are parameters (train them with the rest); they initialise on the first forward, so
     run one batch of real data before evaluating an untrained model.
     """
@@ -179,19 +185,23 @@ def quantize_model(model: nn.Module, w_bits: Optional[int], a_bits: Optional[int
             check_bits(bits, what)
     vit = find_encoder(model)
 
-    def act(dim: int, signed: bool = True) -> nn.Module:
-        return nn.Identity() if a_bits is None else LSQQuantizer(a_bits, signed, symmetric, learned_offset, dim)
+    if grad_scale not in GRAD_SCALES:
+        raise ValueError(f"LSQ grad_scale must be one of {GRAD_SCALES}, got {grad_scale!r}")
+
+    def act(signed: bool = True) -> nn.Module:
+        return nn.Identity() if a_bits is None else LSQQuantizer(a_bits, signed, symmetric, learned_offset, True,
+                                                                 grad_scale)
 
     def linear_quants(name, linear):
         weight = nn.Identity() if w_bits is None else LSQQuantizer(w_bits, True, symmetric, learned_offset)
-        return weight, act(linear.in_features)
+        return weight, act()
 
     def attn_quants(attn):
-        return act(attn.head_dim), act(attn.head_dim), act(attn.head_dim), act(attn.head_dim, signed=False)
+        return act(), act(), act(), act(signed=False)
 
     patch_blocks(vit, linear_quants, attn_quants if scope == "linear+attn" else None)
     vit._quant_config = dict(method="lsq", w_bits=w_bits, a_bits=a_bits, scope=scope, symmetric=symmetric,
-                             learned_offset=learned_offset)
+                             learned_offset=learned_offset, grad_scale=grad_scale)
     return model
 
 
@@ -201,7 +211,7 @@ def quant_config(model: nn.Module) -> Optional[dict]:
 
 
 def _restore_lsq(model: nn.Module, config: dict) -> nn.Module:
-    keys = ("w_bits", "a_bits", "scope", "symmetric", "learned_offset")
+    keys = ("w_bits", "a_bits", "scope", "symmetric", "learned_offset", "grad_scale")
     return quantize_model(model, **{k: config[k] for k in keys if k in config})
 
 
