@@ -53,7 +53,8 @@ class PredictorLG(nn.Module):
 @dataclass
 class KeepPolicy:
     """Training-time attention mask object (see attention.py): keys whose policy is 0 get weight 0, as the
-    reference's `softmax_with_policy` (fp32, eps 1e-6), with the policy's gradient."""
+    reference's `softmax_with_policy` (fp32, eps 1e-6), with the policy's gradient. `dense` (a quantized or
+    explicit attention) goes unused: DynamicViT is not quantizable."""
 
     policy: torch.Tensor  # [B, N] keep decisions, prefix tokens 1
 
