@@ -3,11 +3,15 @@
 From a fresh model, the learning rate ramps exponentially from --start-lr to --end-lr over --steps
 optimizer steps (AdamW, the task's own loss: contrastive + the encoder's aux loss, or cross-entropy +
 aux); the loss is smoothed exponentially (--smooth) and the test stops when it diverges (5x the best).
-Suggested rate: where the smoothed loss falls fastest, i.e. the most negative slope against log lr
-after skipping the first 10 and last 5 points (the "steepest" rule of Smith 2017, fastai and
-torch-lr-finder, which runs the test: davidtvs/pytorch-lr-finder). A common choice is then a peak
-rate near it or up to 10x below it. The model and optimizer are restored afterwards. The DTP-ViT
-study picked its from-scratch rates this way (its `lr_finder_plot`).
+torch-lr-finder runs the test (davidtvs/pytorch-lr-finder). The suggested rate (--rule), on the
+points left after skipping the first 10 and last 5:
+  valley    (default) fastai's rule (fastai 2.5+ `valley`): the longest stretch over which the smoothed
+            loss keeps falling, taken half-way through it. Early noise cannot move it much.
+  steepest  where the loss falls fastest against log lr (Smith 2017; torch-lr-finder's and fastai's
+            `steep`). On a slowly falling CLIP curve it lands near the start (demo: 3e-6).
+  minimum   the rate of the lowest loss, divided by 10 (fastai's `minimum`).
+The model and optimizer are restored afterwards. The DTP-ViT study picked its from-scratch rates
+with such a test (its `lr_finder_plot`).
 
     python -m dtpclip.lr_find                                   # the demo CLIP on the demo shards
     python -m dtpclip.lr_find --task classify --model plain_vit_tiny_patch16_64 --train-data DIR
@@ -15,6 +19,7 @@ study picked its from-scratch rates this way (its `lr_finder_plot`).
 from dtpclip.cli import add_model_kwargs, early_args, make_parser, parse_args, run_main
 
 TASKS = ("clip", "classify")
+RULES = ("valley", "steepest", "minimum")
 
 
 def make_arg_parser():
@@ -31,6 +36,7 @@ def make_arg_parser():
     parser.add_argument("--start-lr", type=float, default=1e-6)
     parser.add_argument("--end-lr", type=float, default=1.0)
     parser.add_argument("--smooth", type=float, default=0.05, help="weight of the new loss in the running average")
+    parser.add_argument("--rule", default="valley", choices=RULES, help="how the suggestion is read off the curve")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
@@ -74,6 +80,7 @@ class RangeTest:
     lrs: List[float]
     losses: List[float]  # smoothed
     suggestion: float
+    rule: str
 
 
 class _Batches(TrainDataLoaderIter):
@@ -99,9 +106,34 @@ class _Unpacking(nn.Module):
         return self.model(*inputs)
 
 
+def valley_index(losses: List[float]) -> int:
+    """fastai's `valley`: the longest decreasing subsequence of the losses, ending at its last index e and
+    taken to start at e minus its length; the index half-way through its middle third."""
+    length, end = [1] * len(losses), 0
+    for i in range(1, len(losses)):
+        for j in range(i):
+            if losses[i] < losses[j] and length[i] < length[j] + 1:
+                length[i] = length[j] + 1
+        if length[end] < length[i]:
+            end = i
+    start = end - length[end]
+    third = (end - start) / 3
+    return start + int(third) + int(third / 2)
+
+
+def suggest(lrs: List[float], losses: List[float], rule: str) -> float:
+    """The suggested rate of the curve's points by `rule` (module docstring)."""
+    if rule == "steepest":
+        slopes = torch.tensor(losses).diff() / torch.tensor(lrs).log().diff()
+        return lrs[int(slopes.argmin())]
+    if rule == "minimum":
+        return lrs[min(range(len(losses)), key=losses.__getitem__)] / 10
+    return lrs[valley_index(losses)]
+
+
 def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Callable, batches: Iterable,
                split: Callable, steps: int, start_lr: float, end_lr: float, smooth: float = 0.05,
-               device="cpu") -> RangeTest:
+               device="cpu", rule: str = "valley") -> RangeTest:
     """The LR range test on `model` (called as model(*inputs)); `loss(outputs, target)`; `split(batch)` ->
     (inputs tuple, target). The model's and optimizer's state are restored afterwards."""
     if not 0 < start_lr < end_lr:
@@ -121,8 +153,7 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Callabl
     if len(lrs[kept]) < 2:
         raise ValueError(f"the loss diverged after {len(lrs)} steps, before a rate could be suggested: "
                          f"lower --end-lr (now {end_lr})")
-    slopes = torch.tensor(losses[kept]).diff() / torch.tensor(lrs[kept]).log().diff()
-    return RangeTest(lrs, losses, lrs[kept][int(slopes.argmin())])
+    return RangeTest(lrs, losses, suggest(lrs[kept], losses[kept], rule), rule)
 
 
 def plot(result: RangeTest, path: Path, title: str) -> None:
@@ -131,7 +162,7 @@ def plot(result: RangeTest, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(result.lrs, result.losses)
     ax.axvline(result.suggestion, color="tab:red", linestyle="--",
-               label=f"suggested {result.suggestion:.2e} (steepest descent)")
+               label=f"suggested {result.suggestion:.2e} ({result.rule})")
     ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed loss", title=title)
     ax.legend()
     fig.tight_layout()
@@ -197,14 +228,14 @@ def main(argv=None, args=None) -> RangeTest:
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.start_lr)
     status(f"LR range test: {args.task}, {args.steps} steps from {args.start_lr:g} to {args.end_lr:g}")
     result = range_test(model, optimizer, loss, batches, split, args.steps, args.start_lr, args.end_lr,
-                        args.smooth, args.device or default_device())
+                        args.smooth, args.device or default_device(), args.rule)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(result, out, f"LR range test: {args.task}, {args.model or 'demo model'}")
     out.with_suffix(".json").write_text(json.dumps(
         {"task": args.task, "model": args.model, "suggested_lr": result.suggestion, "lr": result.lrs,
-         "smoothed_loss": result.losses, "rule": "steepest descent of the smoothed loss against log lr"}, indent=1))
-    print(f"suggested learning rate: {result.suggestion:.3g} (steepest descent of the smoothed loss; "
-          f"a peak rate up to 10x below it is the usual pick); plot: {out}")
+         "smoothed_loss": result.losses, "rule": result.rule}, indent=1))
+    print(f"suggested learning rate: {result.suggestion:.3g} ({result.rule} rule on the smoothed loss, see --help); "
+          f"plot: {out}")
     return result
 
 

@@ -10,6 +10,7 @@ FASTEST = 1e-3  # the synthetic curve's steepest point
 
 
 def test_suggestion_is_where_a_synthetic_curve_falls_fastest_and_the_model_is_restored():
+    """A tanh in log lr falls fastest at its centre, half-way down its one long valley: both rules find it."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -20,13 +21,25 @@ def test_suggestion_is_where_a_synthetic_curve_falls_fastest_and_the_model_is_re
         return 2.0 - math.tanh((math.log10(lr) - math.log10(FASTEST)) / 0.5) + 0.0 * outputs.sum()
 
     batches = [(torch.randn(8, 4),)] * 3
-    result = lr_find.range_test(model, optimizer, loss, batches, lambda batch: (batch, None), steps=100,
-                                start_lr=1e-6, end_lr=1.0, smooth=0.0)
     step = 6 / 99  # decades per step of the ramp
-    assert abs(math.log10(result.suggestion) - math.log10(FASTEST)) <= step
+    for rule, tolerance in (("steepest", step), ("valley", 2 * step)):
+        result = lr_find.range_test(model, optimizer, loss, batches, lambda batch: (batch, None), steps=100,
+                                    start_lr=1e-6, end_lr=1.0, smooth=0.0, rule=rule)
+        assert abs(math.log10(result.suggestion) - math.log10(FASTEST)) <= tolerance, rule
     assert len(result.lrs) == 100 and result.lrs[0] == 1e-6
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the weights moved, then back
     assert not optimizer.state and optimizer.param_groups[0]["lr"] == 1e-6
+
+
+def test_valley_and_minimum_rules_on_a_noisy_start():
+    """A noisy start, a long fall to the minimum at index 60, then divergence: steepest picks the noise."""
+    lrs = [10 ** (-6 + 6 * i / 79) for i in range(80)]
+    losses = [4.4 + (0.05 if i % 2 else 0.0) for i in range(10)] + [4.4 - 0.01 * i for i in range(50)] \
+        + [3.9 + 0.2 * i for i in range(20)]
+    # the fall: 52 losses ending at 60, so taken from 8; half-way through its middle third: 8 + 17 + 8
+    assert lr_find.valley_index(losses) == 33
+    assert lr_find.suggest(lrs, losses, "minimum") == lrs[60] / 10
+    assert lr_find.suggest(lrs, losses, "steepest") == lrs[1]  # the noise's first drop is the steepest
 
 
 def test_classify_and_clip_tasks_write_the_plot_and_curve(tmp_path, small_demo):
