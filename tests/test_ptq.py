@@ -221,3 +221,29 @@ def test_qwt_fits_on_more_images_than_the_quantizers_calibrate_on():
     assert not torch.equal(split.blocks[0].qwt.weight, few.blocks[0].qwt.weight)  # fitted on all six
     assert not torch.equal(quantizer.scale, [m for m in every.modules()
                                              if m.__class__.__name__ == "UniformQuantizer"][1].scale)
+
+
+def reference_uniform_range(x, bits):
+    """RepQ-ViT's UniformQuantizer.init_quantization_scale (per tensor), transcribed as the oracle."""
+    best_score, delta, zero_point = 1e10, None, None
+    for pct in (0.999, 0.9999, 0.99999):
+        new_max, new_min = torch.quantile(x.reshape(-1), pct), torch.quantile(x.reshape(-1), 1.0 - pct)
+        d = (new_max - new_min) / (2 ** bits - 1)
+        z = (-new_min / d).round()
+        x_q = (torch.clamp(torch.round(x / d) + z, 0, 2 ** bits - 1) - z) * d
+        score = (x - x_q).abs().pow(2).mean()
+        if score < best_score:
+            best_score, delta, zero_point = score, d, z
+    return delta, zero_point
+
+
+def test_range_search_equals_repqs_candidates_without_forcing_zero():
+    from dtpclip.encoders.ptq import mse_range
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(0)) * 0.3 + 2.0  # all positive: zero outside
+    for bits in (4, 8):
+        scale, zero_point = mse_range(x[:, None], bits)
+        delta, expected_zp = reference_uniform_range(x, bits)
+        assert torch.allclose(scale[0], delta) and zero_point[0] == expected_zp
+        assert zero_point[0] < 0  # zero is not forced into the range, as RepQ
+        wide_scale, wide_zp = mse_range(x[:, None], bits, "wide")
+        assert wide_zp[0] == 0 and wide_scale[0] > scale[0]  # the wider search keeps zero: a coarser step

@@ -12,8 +12,9 @@ Vision Transformers" (ICCV 2023, github.com/zkkli/RepQ-ViT):
   - post-softmax attention: the log-sqrt(2) quantizer, q = clamp(round(-2 log2(x / delta)), 0, 2^b - 1),
     x_hat = delta * 2^(-q / 2) (values past the range become 0);
   - other activations (proj and fc2 inputs, q, k, v): uniform asymmetric per tensor;
-  - ranges: percentile candidates (clipping the top / bottom tail), the one with the least MSE
-    (our "percentile-MSE" search), on 32 calibration images.
+  - ranges: the least-MSE of RepQ's percentile candidates (the 99.9th, 99.99th and 99.999th percentile
+    and their mirrors as the range, as they fall), on 32 calibration images; `ranges='wide'` adds the max
+    and lower percentiles and keeps zero inside the range.
 QwT: Fu et al. 2025, "Quantization without Tears" (CVPR 2025, github.com/wujx2001/QwT): per block,
 out = Block_q(x) + x W + b, with [W; b] the least-squares fit of Block_fp(x) - Block_q(x) on [x, 1],
 x being the block input in the already compensated quantized model (greedy, block by block); a
@@ -31,7 +32,11 @@ import torch.nn as nn
 from dtpclip.encoders.quant import QUANT_RESTORERS, block_linears, check_bits, find_encoder, patch_blocks
 from dtpclip.registry import REQUIRED, register_transform
 
-PERCENTILES = (1.0, 0.99999, 0.9999, 0.999, 0.99, 0.98, 0.95, 0.9)
+# Clipping candidates of the least-MSE range search: RepQ-ViT's (quantizer.py: the 0.999, 0.9999 and 0.99999
+# percentiles, the range taken as they fall) or a wider search ('wide': the max and down to the 90th
+# percentile, zero kept inside the range), the choice before RepQ's was followed.
+RANGES = {"repq": dict(percentiles=(0.999, 0.9999, 0.99999), keep_zero=False),
+          "wide": dict(percentiles=(1.0, 0.99999, 0.9999, 0.999, 0.99, 0.98, 0.95, 0.9), keep_zero=True)}
 MAX_SAMPLES = 1 << 22  # values per tensor kept for the range search (torch.quantile's limit is 2^24)
 
 
@@ -46,21 +51,22 @@ def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
     return (q - zero_point) * scale
 
 
-def _params(low: torch.Tensor, high: torch.Tensor, bits: int):
-    low, high = low.clamp(max=0.0), high.clamp(min=0.0)  # zero stays representable
+def _params(low: torch.Tensor, high: torch.Tensor, bits: int, keep_zero: bool):
+    if keep_zero:
+        low, high = low.clamp(max=0.0), high.clamp(min=0.0)
     scale = ((high - low) / (2 ** bits - 1)).clamp_min(1e-8)
     return scale, torch.round(-low / scale)
 
 
 @torch.no_grad()
-def mse_range(x: torch.Tensor, bits: int):
-    """Per-column (scale, zero_point) of x [N, C]: among percentile clippings, the least-MSE one."""
+def mse_range(x: torch.Tensor, bits: int, ranges: str = "repq"):
+    """Per-column (scale, zero_point) of x [N, C]: among the `ranges` percentile clippings, the least-MSE one."""
     x = x.float()
     best = best_scale = best_zp = None
-    for p in PERCENTILES:
+    for p in RANGES[ranges]["percentiles"]:
         high = x.max(0).values if p == 1.0 else torch.quantile(x, p, dim=0)
         low = x.min(0).values if p == 1.0 else torch.quantile(x, 1.0 - p, dim=0)
-        scale, zp = _params(low, high, bits)
+        scale, zp = _params(low, high, bits, RANGES[ranges]["keep_zero"])
         err = (_fake_quant(x, scale, zp, bits) - x).square().mean(0)
         if best is None:
             best, best_scale, best_zp = err, scale, zp
@@ -76,9 +82,10 @@ class UniformQuantizer(nn.Module):
     first dim (weights, `channel_dim=0`). mode: 'quant' applies it, 'calib' records inputs and passes
     them through, 'off' passes through (the float reference QwT fits against)."""
 
-    def __init__(self, bits: int, per_channel: bool = False, channel_dim: int = -1, channels: int = 0):
+    def __init__(self, bits: int, per_channel: bool = False, channel_dim: int = -1, channels: int = 0,
+                 ranges: str = "repq"):
         super().__init__()
-        self.bits, self.per_channel, self.channel_dim = bits, per_channel, channel_dim
+        self.bits, self.per_channel, self.channel_dim, self.ranges = bits, per_channel, channel_dim, ranges
         shape = (channels,) if per_channel else ()
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
@@ -106,7 +113,7 @@ class UniformQuantizer(nn.Module):
             data = data.reshape(data.shape[0], -1).T
         data = _thin(data, MAX_SAMPLES)  # whole rows, so a stride never aliases with the channels
         data = data if self.per_channel else data.reshape(-1, 1)
-        scale, zp = mse_range(data, self.bits)
+        scale, zp = mse_range(data, self.bits, self.ranges)
         self.set_params(scale if self.per_channel else scale[0], zp if self.per_channel else zp[0])
         self.mode = "quant"
 
@@ -121,9 +128,9 @@ class UniformQuantizer(nn.Module):
 class LogSqrt2Quantizer(nn.Module):
     """RepQ-ViT's log-sqrt(2) quantizer for post-softmax attention (values in [0, 1]); modes as above."""
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, ranges: str = "repq"):
         super().__init__()
-        self.bits = bits
+        self.bits, self.ranges = bits, ranges
         self.register_buffer("delta", torch.tensor(1.0))
         self.mode, self.samples = "quant", []
 
@@ -146,7 +153,8 @@ class LogSqrt2Quantizer(nn.Module):
         if data.numel() > MAX_SAMPLES:  # a seeded pick: a stride could alias with the key positions
             data = data[torch.randperm(data.numel(), generator=torch.Generator().manual_seed(0))[:MAX_SAMPLES]
                         .to(data.device)]
-        candidates = [data.max()] + [torch.quantile(data, p) for p in PERCENTILES[1:5]]
+        percentiles = RANGES[self.ranges]["percentiles"]
+        candidates = [data.max() if p == 1.0 else torch.quantile(data, p) for p in percentiles[:5]]
         errors = [(self.quantize(data, d, self.bits) - data).square().mean() for d in candidates]
         self.delta = candidates[int(torch.stack(errors).argmin())].clone().clamp_min(1e-8)
         self.mode = "quant"
@@ -285,14 +293,16 @@ def fold_scales(norm: nn.LayerNorm, linear: nn.Linear, scale: torch.Tensor, zero
     return target_scale, target_zp
 
 
-def _install(vit: nn.Module, w_bits: int, a_bits: int, per_channel_inputs: set) -> None:
+def _install(vit: nn.Module, w_bits: int, a_bits: int, per_channel_inputs: set, ranges: str = "repq") -> None:
     def linear_quants(name, linear):
-        weight = UniformQuantizer(w_bits, True, channel_dim=0, channels=linear.out_features)
+        weight = UniformQuantizer(w_bits, True, channel_dim=0, channels=linear.out_features, ranges=ranges)
         per_channel = id(linear) in per_channel_inputs
-        return weight, UniformQuantizer(a_bits, per_channel, channels=linear.in_features if per_channel else 0)
+        return weight, UniformQuantizer(a_bits, per_channel, channels=linear.in_features if per_channel else 0,
+                                        ranges=ranges)
 
     def attn_quants(attn):
-        return UniformQuantizer(a_bits), UniformQuantizer(a_bits), UniformQuantizer(a_bits), LogSqrt2Quantizer(a_bits)
+        return (UniformQuantizer(a_bits, ranges=ranges), UniformQuantizer(a_bits, ranges=ranges),
+                UniformQuantizer(a_bits, ranges=ranges), LogSqrt2Quantizer(a_bits, ranges))
 
     patch_blocks(vit, linear_quants, attn_quants)
     for block in vit.blocks:  # a bias for every folded Linear (ViT-Lite's qkv has none), so states match
@@ -313,10 +323,13 @@ def leading_images(batches: List[torch.Tensor], count: int) -> List[torch.Tensor
 
 
 def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Tensor], qwt: bool = False,
-              repq_images: Optional[int] = None) -> nn.Module:
+              repq_images: Optional[int] = None, ranges: str = "repq") -> nn.Module:
     """RepQ-style PTQ of `model`'s ViT in place on calibration batches, then QwT when `qwt`; returns `model`.
     The quantizers calibrate on the first `repq_images` images (None: all; RepQ-ViT uses 32) and QwT fits its
-    compensation on all of them (QwT's ImageNet script: 512). Run in eval mode; the weights change (folding)."""
+    compensation on all of them (QwT's ImageNet script: 512). `ranges`: the clipping candidates (RANGES).
+    Run in eval mode; the weights change (folding)."""
+    if ranges not in RANGES:
+        raise ValueError(f"PTQ ranges must be one of {sorted(RANGES)}, got {ranges!r}")
     check_bits(w_bits, "weight bits (--w-bits)")
     check_bits(a_bits, "activation bits (--a-bits)")
     if not images:
@@ -325,7 +338,7 @@ def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Ten
     was_training = vit.training
     vit.eval()
     post_norm = {id(lin) for block in vit.blocks for _, lin in _post_norm_pairs(block)}
-    _install(vit, w_bits, a_bits, post_norm)
+    _install(vit, w_bits, a_bits, post_norm, ranges)
     _set_modes(vit, "calib", kinds=("act",))
     _set_modes(vit, "off", kinds=("weight",))
     for batch in leading_images(images, repq_images) if repq_images is not None else images:
@@ -360,12 +373,13 @@ def restore_ptq(model: nn.Module, config: dict) -> nn.Module:
 
 
 def _apply_ptq_transform(model: nn.Module, calibration: List[torch.Tensor], w: int = REQUIRED, a: int = REQUIRED,
-                         qwt: bool = False, repq_images: int = 32) -> None:
-    apply_ptq(model, w, a, calibration, qwt=qwt, repq_images=repq_images)
+                         qwt: bool = False, repq_images: int = 32, ranges: str = "repq") -> None:
+    apply_ptq(model, w, a, calibration, qwt=qwt, repq_images=repq_images, ranges=ranges)
 
 
 QUANT_RESTORERS["repq"] = restore_ptq
-register_transform("ptq", _apply_ptq_transform, {"w": REQUIRED, "a": REQUIRED, "qwt": False, "repq_images": 32},
+register_transform("ptq", _apply_ptq_transform,
+                   {"w": REQUIRED, "a": REQUIRED, "qwt": False, "repq_images": 32, "ranges": "repq"},
                    lambda encoder: getattr(encoder, "quantizable", False), calibration=True,
                    example="ptq:w=8,a=8",
                    summary="RepQ-style post-training quantization at w/a bits, optionally with QwT compensation",
