@@ -247,3 +247,18 @@ def test_range_search_equals_repqs_candidates_without_forcing_zero():
         assert zero_point[0] < 0  # zero is not forced into the range, as RepQ
         wide_scale, wide_zp = mse_range(x[:, None], bits, "wide")
         assert wide_zp[0] == 0 and wide_scale[0] > scale[0]  # the wider search keeps zero: a coarser step
+
+
+@pytest.mark.parametrize("order", ["sequential", "float"])
+def test_sequential_calibration_sees_the_quantized_layers_before(order):
+    """RepQ's order: block 1 calibrates on what the quantized block 0 outputs; 'float' on the float network's."""
+    model = tiny()
+    float_inputs, seen = [], []
+    images = calib(4)
+    hook = model.blocks[1].register_forward_pre_hook(lambda module, args: float_inputs.append(args[0].clone()))
+    model.encode(images[0])
+    hook.remove()
+    model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    apply_ptq(model, 4, 4, images, calibration=order)
+    differs = (seen[0] - float_inputs[0]).abs().max() > 1e-3
+    assert differs == (order == "sequential")

@@ -12,6 +12,10 @@ Vision Transformers" (ICCV 2023, github.com/zkkli/RepQ-ViT):
   - post-softmax attention: the log-sqrt(2) quantizer, q = clamp(round(-2 log2(x / delta)), 0, 2^b - 1),
     x_hat = delta * 2^(-q / 2) (values past the range become 0);
   - other activations (proj and fc2 inputs, q, k, v): uniform asymmetric per tensor;
+  - order: as RepQ-ViT's test_quant.py, weights quantized first, then one forward of the calibration
+    images in which each activation quantizer calibrates on its first input and quantizes it, so each
+    layer calibrates on the quantized layers before it (`calibration='float'`: all on float activations;
+    on DTP's bucketed attention the attention quantizers calibrate on the first bucket);
   - ranges: the least-MSE of RepQ's percentile candidates (the 99.9th, 99.99th and 99.999th percentile
     and their mirrors as the range, as they fall), on 32 calibration images; `ranges='wide'` adds the max
     and lower percentiles and keeps zero inside the range.
@@ -80,7 +84,8 @@ def mse_range(x: torch.Tensor, bits: int, ranges: str = "repq"):
 class UniformQuantizer(nn.Module):
     """Asymmetric uniform fake quantizer, per tensor or per channel of the last dim (activations) /
     first dim (weights, `channel_dim=0`). mode: 'quant' applies it, 'calib' records inputs and passes
-    them through, 'off' passes through (the float reference QwT fits against)."""
+    them through, 'calib_now' calibrates on its input and quantizes it (RepQ's initialisation on first use,
+    so later layers calibrate on quantized inputs), 'off' passes through (the float reference QwT fits against)."""
 
     def __init__(self, bits: int, per_channel: bool = False, channel_dim: int = -1, channels: int = 0,
                  ranges: str = "repq"):
@@ -92,9 +97,11 @@ class UniformQuantizer(nn.Module):
         self.mode, self.samples = "quant", []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "calib":
+        if self.mode in ("calib", "calib_now"):
             self.samples.append(_thin(x.reshape(-1, x.shape[-1])))
-            return x
+            if self.mode == "calib":
+                return x
+            self.calibrate()
         if self.mode == "off":
             return x
         shape = [1] * x.dim()
@@ -141,9 +148,11 @@ class LogSqrt2Quantizer(nn.Module):
         return torch.where(levels >= 2 ** bits, torch.zeros_like(out), out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "calib":
+        if self.mode in ("calib", "calib_now"):
             self.samples.append(_thin(x.reshape(-1, x.shape[-1])).flatten())  # keys vary per batch (DTP, ToMe)
-            return x
+            if self.mode == "calib":
+                return x
+            self.calibrate()
         return x if self.mode == "off" else self.quantize(x, self.delta, self.bits)
 
     @torch.no_grad()
@@ -322,14 +331,22 @@ def leading_images(batches: List[torch.Tensor], count: int) -> List[torch.Tensor
     return taken
 
 
+CALIBRATIONS = ("sequential", "float")
+
+
 def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Tensor], qwt: bool = False,
-              repq_images: Optional[int] = None, ranges: str = "repq") -> nn.Module:
+              repq_images: Optional[int] = None, ranges: str = "repq", calibration: str = "sequential") -> nn.Module:
     """RepQ-style PTQ of `model`'s ViT in place on calibration batches, then QwT when `qwt`; returns `model`.
     The quantizers calibrate on the first `repq_images` images (None: all; RepQ-ViT uses 32) and QwT fits its
     compensation on all of them (QwT's ImageNet script: 512). `ranges`: the clipping candidates (RANGES).
-    Run in eval mode; the weights change (folding)."""
+    calibration: 'sequential' as RepQ-ViT's test_quant.py (weights quantized, then one forward of the
+    calibration images in which each activation quantizer calibrates on its first input and quantizes it, so
+    every layer sees the quantized layers before it); 'float' calibrates every quantizer on the float
+    network's activations (the images in their batches). Run in eval mode; the weights change (folding)."""
     if ranges not in RANGES:
         raise ValueError(f"PTQ ranges must be one of {sorted(RANGES)}, got {ranges!r}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"PTQ calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     check_bits(w_bits, "weight bits (--w-bits)")
     check_bits(a_bits, "activation bits (--a-bits)")
     if not images:
@@ -339,13 +356,21 @@ def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Ten
     vit.eval()
     post_norm = {id(lin) for block in vit.blocks for _, lin in _post_norm_pairs(block)}
     _install(vit, w_bits, a_bits, post_norm, ranges)
-    _set_modes(vit, "calib", kinds=("act",))
-    _set_modes(vit, "off", kinds=("weight",))
-    for batch in leading_images(images, repq_images) if repq_images is not None else images:
-        vit.encode(batch)
-    for m in vit.modules():
-        if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer)) and m.mode == "calib":
-            m.calibrate()
+    calibration_images = leading_images(images, repq_images) if repq_images is not None else images
+    if calibration == "sequential":
+        for block in vit.blocks:
+            for _, linear in block_linears(block):
+                linear.weight_quant.calibrate(linear.weight)
+        _set_modes(vit, "calib_now", kinds=("act",))
+        vit.encode(torch.cat(calibration_images))
+    else:
+        _set_modes(vit, "calib", kinds=("act",))
+        _set_modes(vit, "off", kinds=("weight",))
+        for batch in calibration_images:
+            vit.encode(batch)
+        for m in vit.modules():
+            if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer)) and m.mode == "calib":
+                m.calibrate()
     for block in vit.blocks:
         for norm, linear in _post_norm_pairs(block):
             quant = linear.input_quant
@@ -373,13 +398,15 @@ def restore_ptq(model: nn.Module, config: dict) -> nn.Module:
 
 
 def _apply_ptq_transform(model: nn.Module, calibration: List[torch.Tensor], w: int = REQUIRED, a: int = REQUIRED,
-                         qwt: bool = False, repq_images: int = 32, ranges: str = "repq") -> None:
-    apply_ptq(model, w, a, calibration, qwt=qwt, repq_images=repq_images, ranges=ranges)
+                         qwt: bool = False, repq_images: int = 32, ranges: str = "repq",
+                         order: str = "sequential") -> None:
+    apply_ptq(model, w, a, calibration, qwt=qwt, repq_images=repq_images, ranges=ranges, calibration=order)
 
 
 QUANT_RESTORERS["repq"] = restore_ptq
 register_transform("ptq", _apply_ptq_transform,
-                   {"w": REQUIRED, "a": REQUIRED, "qwt": False, "repq_images": 32, "ranges": "repq"},
+                   {"w": REQUIRED, "a": REQUIRED, "qwt": False, "repq_images": 32, "ranges": "repq",
+                    "order": "sequential"},
                    lambda encoder: getattr(encoder, "quantizable", False), calibration=True,
                    example="ptq:w=8,a=8",
                    summary="RepQ-style post-training quantization at w/a bits, optionally with QwT compensation",
