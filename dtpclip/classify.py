@@ -20,7 +20,7 @@ stratified, seeded `--val-fraction` of the train data is held out (read into mem
 import os
 
 from dtpclip.cli import add_model_kwargs, early_args, make_parser, parse_args, run_main
-from dtpclip.specs import FEATURE_LOSSES, LOGIT_LOSSES, LSQ_GRAD_SCALES, QUANT_SCOPES
+from dtpclip.specs import FEATURE_LAYERS, FEATURE_LOSSES, LOGIT_LOSSES, LSQ_GRAD_SCALES, QUANT_SCOPES
 
 MODES = ("linear", "finetune", "scratch")
 # head learning rate per mode when --lr is not given: a probe on cached features takes a large
@@ -75,8 +75,12 @@ def make_arg_parser():
     parser.add_argument("--dkd-beta", type=float, default=1.5, help="DKD weight of the non-target part (NCKD)")
     parser.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of KD / DKD")
     parser.add_argument("--feature-distill", default=None, choices=FEATURE_LOSSES,
-                        help="also distil block outputs (summed over blocks; same depth, width and tokens)")
+                        help="also distil features (--feature-distill-layers; summed over them; same width and tokens)")
     parser.add_argument("--feature-distill-weight", type=float, default=1.0, help="weight of the feature term")
+    parser.add_argument("--feature-distill-layers", default="blocks", choices=FEATURE_LAYERS,
+                        help="the features compared: every block's output, the last embedding (the head's input: "
+                             "the ViT-Lite study's better variant), or each block's stream after attention and after "
+                             "its MLP")
     return parser
 
 
@@ -323,7 +327,7 @@ def build_distiller(args, num_classes: int, encoder: nn.Module) -> Optional[Dist
         raise ValueError(f"the teacher takes {teacher.pretrained_cfg.get('input_size')} images, the student "
                          f"{encoder.pretrained_cfg.get('input_size')}; expected the same input size")
     return Distiller(teacher, args.distill, args.distill_weight, args.dkd_alpha, args.dkd_beta, args.kd_temperature,
-                     args.feature_distill, args.feature_distill_weight)
+                     args.feature_distill, args.feature_distill_weight, args.feature_distill_layers)
 
 
 def data_dir(path: Optional[str], flag: str) -> Path:

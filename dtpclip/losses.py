@@ -1,9 +1,10 @@
 """Distillation losses and a teacher wrapper that returns them as named terms (open_clip style).
 
 Logit KD (Hinton et al. 2015), decoupled KD (Zhao et al. 2022, "Decoupled Knowledge Distillation";
-reference: megvii-research/mdistiller, `dkd.py`), and feature KD over transformer blocks: cosine
-summed over blocks (VQ-ViT's `--FLfn cos --featureloss-reduction sum`) and MSE (the ViT-Lite
-quantization study's logits + embedding KD chains).
+reference: megvii-research/mdistiller, `dkd.py`), and feature KD: cosine summed over features
+(VQ-ViT's `--FLfn cos --featureloss-reduction sum`) and MSE (the ViT-Lite quantization study's logits +
+embedding KD chains), over every block's output, the last embedding only (the study's better variant), or
+two features per block (after attention and after the MLP, our reading of VQ-ViT's two per block).
 """
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dtpclip.specs import FEATURE_LOSSES, LOGIT_LOSSES
+from dtpclip.specs import FEATURE_LAYERS, FEATURE_LOSSES, LOGIT_LOSSES
 
 
 
@@ -99,10 +100,20 @@ def mse_feature_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Te
 
 
 @contextmanager
-def block_outputs(model: nn.Module) -> Iterator[List[torch.Tensor]]:
-    """Collect the output of every `model.blocks[i]` during the forward passes inside the context."""
+def block_outputs(model: nn.Module, layers: str = "blocks") -> Iterator[List[torch.Tensor]]:
+    """Collect features during the forward passes inside the context (FEATURE_LAYERS): 'blocks' every
+    `model.blocks[i]` output; 'last' the head's input (the pre-logits embedding); 'attn_and_block' per block
+    the residual stream after attention (the input of norm2, in timm's and ViT-Lite's blocks) and its output."""
+    if layers not in FEATURE_LAYERS:
+        raise ValueError(f"unknown feature layers {layers!r}: expected one of {', '.join(FEATURE_LAYERS)}")
     outputs: List[torch.Tensor] = []
-    hooks = [block.register_forward_hook(lambda m, i, o: outputs.append(o)) for block in model.blocks]
+    if layers == "last":
+        hooks = [model.get_classifier().register_forward_pre_hook(lambda m, args: outputs.append(args[0]))]
+    else:
+        hooks = [block.register_forward_hook(lambda m, i, o: outputs.append(o)) for block in model.blocks]
+    if layers == "attn_and_block":
+        hooks += [block.norm2.register_forward_pre_hook(lambda m, args: outputs.append(args[0]))
+                  for block in model.blocks]
     try:
         yield outputs
     finally:
@@ -146,14 +157,14 @@ class Distiller(nn.Module):
     """A frozen teacher (run under no_grad, in eval mode) and the distillation terms against it.
 
     logit: 'logit' (KD) or 'dkd' (alpha, beta), at `temperature`, weighted by `weight`; None: off.
-    feature: 'cos' or 'mse' over the block outputs (`block_outputs`), weighted by `feature_weight`.
+    feature: 'cos' or 'mse' over the `feature_layers` features (`block_outputs`), weighted by `feature_weight`.
     `teacher_logits(images)` is `teacher(images)`; a teacher whose forward is not its classifier
     (a CLIP tower) can be wrapped in a module that returns the logits to distil.
     """
 
     def __init__(self, teacher: nn.Module, logit: Optional[str] = "dkd", weight: float = 1.0, alpha: float = 1.0,
                  beta: float = 8.0, temperature: float = 4.0, feature: Optional[str] = None,
-                 feature_weight: float = 1.0):
+                 feature_weight: float = 1.0, feature_layers: str = "blocks"):
         super().__init__()
         if logit not in (None, *LOGIT_LOSSES):
             raise ValueError(f"unknown logit distillation {logit!r}: expected one of {', '.join(LOGIT_LOSSES)}")
@@ -163,7 +174,9 @@ class Distiller(nn.Module):
             raise ValueError("a Distiller needs a logit loss ('logit', 'dkd') or a feature loss ('cos', 'mse')")
         self.teacher = teacher.eval().requires_grad_(False)
         self.logit, self.weight, self.alpha, self.beta, self.temperature = logit, weight, alpha, beta, temperature
-        self.feature, self.feature_weight = feature, feature_weight
+        if feature_layers not in FEATURE_LAYERS:
+            raise ValueError(f"unknown feature layers {feature_layers!r}: expected one of {', '.join(FEATURE_LAYERS)}")
+        self.feature, self.feature_weight, self.feature_layers = feature, feature_weight, feature_layers
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -176,7 +189,7 @@ class Distiller(nn.Module):
         if self.feature is None:
             yield None
         else:
-            with block_outputs(student) as outputs:
+            with block_outputs(student, self.feature_layers) as outputs:
                 yield outputs
 
     @torch.no_grad()

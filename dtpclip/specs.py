@@ -34,3 +34,6 @@ QUANT_SCOPES = ("linear", "linear+attn")  # what LSQ quantizes: the blocks' Line
 LSQ_GRAD_SCALES = ("paper", "lsq-net")  # N of LSQ's step gradient scale for activations: an example's, the batch's
 LOGIT_LOSSES = ("logit", "dkd")  # logit distillation: KD, decoupled KD
 FEATURE_LOSSES = ("cos", "mse")  # block-feature distillation
+# which features feature KD compares: every block's output; the last embedding (the head's input, the ViT-Lite
+# study's "logits + last embedding"); each block's residual stream after attention and after the MLP
+FEATURE_LAYERS = ("blocks", "last", "attn_and_block")

@@ -127,3 +127,22 @@ def test_load_teacher_needs_a_head_in_a_classifier_checkpoint(tmp_path):
     save_file(headless, str(tmp_path / "encoder.safetensors"))
     with pytest.raises(ValueError, match="has no classifier head"):
         load_teacher("plain_vit_tiny_patch8_64", tmp_path / "encoder.safetensors", num_classes=5)
+
+
+def test_feature_layers_capture_what_they_name(images):
+    model = tiny()
+    with torch.no_grad():
+        with block_outputs(model, "blocks") as blocks:
+            model(images)
+        with block_outputs(model, "last") as last:
+            model(images)
+        with block_outputs(model, "attn_and_block") as both:
+            model(images)
+        x0 = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        after_attention = x0 + model.blocks[0].attn(model.blocks[0].norm1(x0))
+        pre_logits = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert len(blocks) == 4 and len(last) == 1 and len(both) == 8
+    assert torch.allclose(last[0], pre_logits)  # the last embedding: what the head reads
+    assert torch.allclose(both[0], after_attention, atol=1e-6) and torch.equal(both[1], blocks[0])
+    with pytest.raises(ValueError, match="unknown feature layers"):
+        Distiller(model, "logit", feature="cos", feature_layers="heads")
