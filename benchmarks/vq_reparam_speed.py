@@ -17,7 +17,7 @@ import timm
 import torch
 
 from dtpclip.cli import add_json_output, make_parser, measure_and_report, parse_args
-from dtpclip.encoders.vq import TIMM_IMAGENET_LAYOUT
+from dtpclip.encoders.vit import TIMM_IMAGENET_LAYOUT
 from dtpclip.flops import count_macs
 from dtpclip.measure import interleaved_median_times
 

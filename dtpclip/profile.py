@@ -21,6 +21,9 @@ def make_arg_parser():
                         help="transform specs, each applied alone on top of --transform and profiled (with --pareto: "
                              "evaluated), e.g. tome:r=2 tome:r=4 lgtm:r=4")
     parser.add_argument("--image-size", type=int, default=None, help="input size (None: the model's)")
+    parser.add_argument("--layout", default="clip", choices=("clip", "timm"),
+                        help="clip: our CLIP towers' layout; timm: timm's ImageNet ViT (no pre-norm, LayerNorm eps "
+                             "1e-6, a 1000-class head), as timm's and the VQ-ViT seed's figures count it")
     parser.add_argument("--batch-size", type=int, default=8, help="images per timed step")
     parser.add_argument("--embed-dim", type=int, default=None,
                         help="CLIP projection width (None: the size's CLIP; 0 for the bare encoder)")
@@ -59,6 +62,7 @@ from dtpclip.clip import clip_embed_dim, create_clip_and_transforms
 from dtpclip.evalsets import load_eval_set
 from dtpclip.evaluate import clip_name, demo_eval_dir, registry_name, resolve_model
 from dtpclip.clip import encoder_transforms
+from dtpclip.encoders.vit import LAYOUTS
 from dtpclip.factory import apply_transforms, create_encoder
 from dtpclip.flops import count_macs
 from dtpclip.measure import autocast, default_device, median_time, peak_memory_bytes
@@ -133,6 +137,7 @@ class TowerSteps:
         with torch.no_grad(), self.autocast:
             stats = self.tower.encoder.encode(self.images[:images]).stats
         return {f"{prefix}gmacs": count.total / 1e9, f"{prefix}gmacs_attention_free": count.attention_free / 1e9,
+                f"{prefix}gmacs_without_attention_matmuls": count.without_attention_matmuls / 1e9,
                 f"{prefix}stats": _floats(stats)}
 
 
@@ -170,7 +175,7 @@ def format_profile(name: str, result: dict) -> str:
         if key == "model":
             continue
         if isinstance(value, float):
-            value = f"{value:.4g}"
+            value = f"{value:.5g}"
         lines.append(f"  {key:28s} {value}")
     return "\n".join(lines)
 
@@ -221,7 +226,7 @@ def main(argv=None, args=None):
     if args.checkpoint:  # its config names the model and its kwargs
         source = resolve_model(args.checkpoint, args.model, args.model_kwargs)
         name, kwargs = registry_name(source.name), source.model_kwargs
-    kwargs = {**kwargs, **({"img_size": args.image_size} if args.image_size else {})}
+    kwargs = {**LAYOUTS[args.layout], **kwargs, **({"img_size": args.image_size} if args.image_size else {})}
     results = []
     for spec in args.sweep or [None]:
         tower = build_visual_tower(name, args.checkpoint, args.embed_dim, **kwargs)

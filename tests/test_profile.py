@@ -45,6 +45,15 @@ def test_vit_b32_matches_known_figures():
     assert abs(macs.attention_free / 2.95e9 - 1) < 0.01
 
 
+def test_profile_prints_the_vq_vit_seeds_figures():
+    """The seed's validate.py --reparam on VQ-ViT-S/16 (FSQ [3, 3, 3, 3]): 12.36M parameters and 2.159 G (fvcore,
+    no attention matmuls); ours 12.365M and 2.1601 G, 0.05% apart (the head's 0.0004 G is about the gap)."""
+    result = main(["--model", "vqvit_small_patch16_224", "--layout", "timm", "--transform", "reparam",
+                   "--embed-dim", "0", "--batch-size", "1", "--repeats", "1", "--flops-images", "1", "--json"])
+    assert int(result["params_m"] * 100) == 1236 and abs(result["gmacs_without_attention_matmuls"] / 2.159 - 1) < 1e-3
+    assert result["gmacs"] > result["gmacs_without_attention_matmuls"] > result["gmacs_attention_free"]
+
+
 def test_cpu_peak_memory_sees_a_known_allocation():
     def step():
         return torch.ones(10 * 2**20).sum()  # 40 MiB of float32, freed before returning

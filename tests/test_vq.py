@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from vector_quantize_pytorch import FSQ
 
 from dtpclip.clip import create_clip_and_transforms, encode_image
-from dtpclip.encoders.vq import TIMM_IMAGENET_LAYOUT, FSQuantizer, VQFFNBlock, VQMSABlock, round_ste
+from dtpclip.encoders.vit import TIMM_IMAGENET_LAYOUT
+from dtpclip.encoders.vq import FSQuantizer, VQFFNBlock, VQMSABlock, round_ste
 from dtpclip.factory import create_encoder
 from dtpclip.registry import list_encoders
 

@@ -25,6 +25,11 @@ VIT_FEATURE_CFG = dict(out_indices=3, feature_cls="getter")
 TOKEN_FEATURE_CFG = dict(VIT_FEATURE_CFG, output_fmt="NLC")
 # fc_norm=False: the final norm stays on the tokens (open_clip's ln_post) whatever the pooling.
 CLIP_VIT_DEFAULTS = dict(pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5), fc_norm=False, num_classes=0)
+# timm's ImageNet ViT layout (vit_small_patch16_224: no pre-norm, patch-embed bias, LayerNorm eps 1e-6,
+# 1000-class head), the one the VQ-ViT seed fine-tunes from: pass as kwargs to load such checkpoints, or
+# `profile --layout timm` to count as timm's models are counted.
+TIMM_IMAGENET_LAYOUT = dict(pre_norm=False, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=1000)
+LAYOUTS = {"clip": {}, "timm": TIMM_IMAGENET_LAYOUT}
 
 _AUX_OUTPUT_SINK: ContextVar[Optional[List[EncoderOutput]]] = ContextVar("dtpclip_aux_output_sink", default=None)
 

@@ -20,13 +20,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 from dtpclip.encoders.output import EncoderOutput
-from dtpclip.encoders.vit import PlainViT, register_vit_family
+from dtpclip.encoders.vit import PlainViT, find_vit, register_vit_family
+from dtpclip.registry import register_transform
 
 DEFAULT_LEVELS = (3, 3, 3, 3)
-
-# timm's ImageNet ViT layout (vit_small_patch16_224: no pre-norm, patch-embed bias, LayerNorm eps 1e-6,
-# 1000-class head), the one the seed fine-tunes VQ-ViTs from; pass as kwargs to load such checkpoints.
-TIMM_IMAGENET_LAYOUT = dict(pre_norm=False, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=1000)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -252,4 +249,14 @@ class VQViT(PlainViT):
         return out
 
 
+def _apply_reparameterize(model: nn.Module, calibration=None) -> None:
+    vit = find_vit(model, "reparam")
+    if not isinstance(vit, VQViT):
+        raise TypeError(f"reparam applies to VQ-ViT encoders (vqvit_*), got {type(vit).__name__}")
+    vit.reparameterize()
+
+
 register_vit_family("vq", VQViT, "vqvit_{size}", "VQ-ViT-{tag}")
+register_transform("reparam", _apply_reparameterize, {}, lambda encoder: isinstance(encoder, VQViT),
+                   example="reparam", title="VQ-ViT reparameterization",
+                   summary="VQ-ViT's token-wise reparametrization: quantized-input layers become lookup tables")
