@@ -76,10 +76,15 @@ def encoder_state_from_clip(state: Dict[str, torch.Tensor], model: torch.nn.Modu
     own initialisation. Also timm's `pretrained_filter_fn`, so timm's file loading agrees.
     """
     own = model.state_dict()
+    # timm's filter reshapes every key holding 'patch_embed.proj.weight' as the conv kernel, so a quantized patch
+    # embedding's quantizer state goes around it (with the CLIP trunk's prefix dropped, as the filter drops it).
+    around = [k for k in state if "patch_embed.proj.weight_quant." in k]
+    quantizer = {k.removeprefix("visual.trunk."): state[k] for k in around}
     state = {
-        k: v for k, v in checkpoint_filter_fn(state, model).items()
+        k: v for k, v in checkpoint_filter_fn({k: v for k, v in state.items() if k not in around}, model).items()
         if not (k.startswith("head.") and (k not in own or own[k].shape != v.shape))
     }
+    state.update(quantizer)
     fresh = [k for k in own if k.startswith(tuple(model.fresh_parameter_prefixes)) and k not in state]
     if fresh:
         warn_fresh(fresh, model.fresh_parameter_prefixes, "the CLIP checkpoint")

@@ -144,7 +144,7 @@ def test_quantize_cli_checkpoint_reads_back_identically(tmp_path_factory, tmp_pa
     result = quantize.main(["--model", name, "--checkpoint", str(path), "--calib-data", str(data),
                             "--calib-images", "8", "--qwt", "--qwt-images", "8", "--out", str(out)])
     config = json.loads((out / "config.json").read_text())
-    assert config["model"] == name and config["quantization"] == {"method": "repq", "w_bits": 4, "a_bits": 4,
+    assert config["model"] == name and config["quantization"] == {"method": "repq", "w_bits": 4, "a_bits": 4, "ends": True,
                                                                    "qwt": True}
     assert result["calib_images"] == 8 and result["qwt_images"] == 8
 
@@ -262,3 +262,23 @@ def test_sequential_calibration_sees_the_quantized_layers_before(order):
     apply_ptq(model, 4, 4, images, calibration=order)
     differs = (seen[0] - float_inputs[0]).abs().max() > 1e-3
     assert differs == (order == "sequential")
+
+
+def test_patch_embedding_and_head_are_quantized_as_repq_and_checkpoints_restore(tmp_path):
+    """RepQ's quant_model quantizes every Conv2d and Linear: the patch embedding's input at 8 bits, the head's
+    at the activation bits; `ends=False` keeps them float."""
+    from dtpclip.encoders.quant import QuantConv2d, QuantLinear
+    from dtpclip.factory import restore_structure
+    model = apply_ptq(tiny("plain_vit_tiny_patch8_64", num_classes=5), 4, 4, calib(4))
+    assert isinstance(model.patch_embed.proj, QuantConv2d) and model.patch_embed.proj.input_quant.bits == 8
+    assert isinstance(model.head, QuantLinear) and model.head.input_quant.bits == 4
+    assert model.head.input_quant.mode == "quant" and model.patch_embed.proj.weight_quant.per_channel
+    images = calib(2, seed=5)[0]
+    with torch.no_grad():
+        codes = model.patch_embed.proj.input_quant(images)
+        assert len(codes.unique()) <= 256  # 8-bit input
+        fresh = restore_structure(tiny("plain_vit_tiny_patch8_64", num_classes=5), {"quantization": model._quant_config})
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(fresh.eval()(images), model(images))
+        floating = apply_ptq(tiny("plain_vit_tiny_patch8_64", num_classes=5), 4, 4, calib(4), ends=False)
+    assert type(floating.patch_embed.proj) is torch.nn.Conv2d and type(floating.head) is torch.nn.Linear

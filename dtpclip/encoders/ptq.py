@@ -12,6 +12,9 @@ Vision Transformers" (ICCV 2023, github.com/zkkli/RepQ-ViT):
   - post-softmax attention: the log-sqrt(2) quantizer, q = clamp(round(-2 log2(x / delta)), 0, 2^b - 1),
     x_hat = delta * 2^(-q / 2) (values past the range become 0);
   - other activations (proj and fc2 inputs, q, k, v): uniform asymmetric per tensor;
+  - the patch embedding (its input at 8 bits) and a Linear classifier head, as RepQ's quant_model quantizes
+    every Conv2d and Linear (`ends=False` keeps them float; a CLIP's projection belongs to the CLIP wrapper
+    and stays float);
   - order: as RepQ-ViT's test_quant.py, weights quantized first, then one forward of the calibration
     images in which each activation quantizer calibrates on its first input and quantizes it, so each
     layer calibrates on the quantized layers before it (`calibration='float'`: all on float activations;
@@ -33,7 +36,8 @@ from typing import Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from dtpclip.encoders.quant import QUANT_RESTORERS, block_linears, check_bits, find_encoder, patch_blocks
+from dtpclip.encoders.quant import (QUANT_RESTORERS, block_linears, check_bits, find_encoder, patch_blocks,
+                                   quantize_conv, quantize_linear)
 from dtpclip.registry import REQUIRED, register_transform
 
 # Clipping candidates of the least-MSE range search: RepQ-ViT's (quantizer.py: the 0.999, 0.9999 and 0.99999
@@ -302,7 +306,15 @@ def fold_scales(norm: nn.LayerNorm, linear: nn.Linear, scale: torch.Tensor, zero
     return target_scale, target_zp
 
 
-def _install(vit: nn.Module, w_bits: int, a_bits: int, per_channel_inputs: set, ranges: str = "repq") -> None:
+def _ends(vit: nn.Module) -> list:
+    """The patch embedding's conv and a Linear classifier head, where quantized (RepQ's quant_model quantizes
+    every Conv2d and Linear of the model)."""
+    head = vit.get_classifier()
+    return [vit.patch_embed.proj] + ([head] if isinstance(head, nn.Linear) else [])
+
+
+def _install(vit: nn.Module, w_bits: int, a_bits: int, per_channel_inputs: set, ranges: str = "repq",
+             ends: bool = True) -> None:
     def linear_quants(name, linear):
         weight = UniformQuantizer(w_bits, True, channel_dim=0, channels=linear.out_features, ranges=ranges)
         per_channel = id(linear) in per_channel_inputs
@@ -314,6 +326,13 @@ def _install(vit: nn.Module, w_bits: int, a_bits: int, per_channel_inputs: set, 
                 UniformQuantizer(a_bits, ranges=ranges), LogSqrt2Quantizer(a_bits, ranges))
 
     patch_blocks(vit, linear_quants, attn_quants)
+    if ends:  # RepQ: the patch embedding's input at 8 bits, the head's at a_bits; weights per output channel
+        conv, *head = _ends(vit)
+        quantize_conv(conv, UniformQuantizer(w_bits, True, channel_dim=0, channels=conv.out_channels, ranges=ranges),
+                      UniformQuantizer(8, ranges=ranges))
+        for linear in head:
+            quantize_linear(linear, UniformQuantizer(w_bits, True, channel_dim=0, channels=linear.out_features,
+                                                     ranges=ranges), UniformQuantizer(a_bits, ranges=ranges))
     for block in vit.blocks:  # a bias for every folded Linear (ViT-Lite's qkv has none), so states match
         for _, linear in _post_norm_pairs(block):
             _ensure_bias(linear)
@@ -335,14 +354,16 @@ CALIBRATIONS = ("sequential", "float")
 
 
 def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Tensor], qwt: bool = False,
-              repq_images: Optional[int] = None, ranges: str = "repq", calibration: str = "sequential") -> nn.Module:
+              repq_images: Optional[int] = None, ranges: str = "repq", calibration: str = "sequential",
+              ends: bool = True) -> nn.Module:
     """RepQ-style PTQ of `model`'s ViT in place on calibration batches, then QwT when `qwt`; returns `model`.
     The quantizers calibrate on the first `repq_images` images (None: all; RepQ-ViT uses 32) and QwT fits its
     compensation on all of them (QwT's ImageNet script: 512). `ranges`: the clipping candidates (RANGES).
     calibration: 'sequential' as RepQ-ViT's test_quant.py (weights quantized, then one forward of the
     calibration images in which each activation quantizer calibrates on its first input and quantizes it, so
     every layer sees the quantized layers before it); 'float' calibrates every quantizer on the float
-    network's activations (the images in their batches). Run in eval mode; the weights change (folding)."""
+    network's activations (the images in their batches). ends: also quantize the patch embedding (its input at 8
+    bits) and a Linear head, as RepQ; False keeps them float. Run in eval mode; the weights change (folding)."""
     if ranges not in RANGES:
         raise ValueError(f"PTQ ranges must be one of {sorted(RANGES)}, got {ranges!r}")
     if calibration not in CALIBRATIONS:
@@ -355,19 +376,19 @@ def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Ten
     was_training = vit.training
     vit.eval()
     post_norm = {id(lin) for block in vit.blocks for _, lin in _post_norm_pairs(block)}
-    _install(vit, w_bits, a_bits, post_norm, ranges)
+    _install(vit, w_bits, a_bits, post_norm, ranges, ends)
+    weighted = [linear for block in vit.blocks for _, linear in block_linears(block)] + (_ends(vit) if ends else [])
     calibration_images = leading_images(images, repq_images) if repq_images is not None else images
     if calibration == "sequential":
-        for block in vit.blocks:
-            for _, linear in block_linears(block):
-                linear.weight_quant.calibrate(linear.weight)
+        for layer in weighted:
+            layer.weight_quant.calibrate(layer.weight)
         _set_modes(vit, "calib_now", kinds=("act",))
-        vit.encode(torch.cat(calibration_images))
+        vit(torch.cat(calibration_images))  # forward, not encode: the head's quantizer calibrates too
     else:
         _set_modes(vit, "calib", kinds=("act",))
         _set_modes(vit, "off", kinds=("weight",))
         for batch in calibration_images:
-            vit.encode(batch)
+            vit(batch)
         for m in vit.modules():
             if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer)) and m.mode == "calib":
                 m.calibrate()
@@ -375,9 +396,9 @@ def apply_ptq(model: nn.Module, w_bits: int, a_bits: int, images: List[torch.Ten
         for norm, linear in _post_norm_pairs(block):
             quant = linear.input_quant
             quant.set_params(*fold_scales(norm, linear, quant.scale, quant.zero_point))
-        for _, linear in block_linears(block):
-            linear.weight_quant.calibrate(linear.weight)
-    vit._quant_config = dict(method="repq", w_bits=w_bits, a_bits=a_bits, qwt=False)
+    for layer in weighted:
+        layer.weight_quant.calibrate(layer.weight)
+    vit._quant_config = dict(method="repq", w_bits=w_bits, a_bits=a_bits, qwt=False, ends=ends)
     if qwt:
         apply_qwt(vit, images)
     vit.train(was_training)
@@ -388,25 +409,27 @@ def restore_ptq(model: nn.Module, config: dict) -> nn.Module:
     """The structure `apply_ptq` leaves (per-tensor activations, per-channel weights, QwT layers),
     uncalibrated, so a saved state dict loads into it."""
     vit = find_encoder(model)
-    _install(vit, config["w_bits"], config["a_bits"], set())
+    ends = bool(config.get("ends", False))  # checkpoints from before RepQ's ends were quantized have none
+    _install(vit, config["w_bits"], config["a_bits"], set(), ends=ends)
     if config.get("qwt"):
         for block in vit.blocks:
             add_qwt(block, vit.embed_dim)
     vit._quant_config = dict(method="repq", w_bits=config["w_bits"], a_bits=config["a_bits"],
-                             qwt=bool(config.get("qwt")))
+                             qwt=bool(config.get("qwt")), ends=ends)
     return model
 
 
 def _apply_ptq_transform(model: nn.Module, calibration: List[torch.Tensor], w: int = REQUIRED, a: int = REQUIRED,
                          qwt: bool = False, repq_images: int = 32, ranges: str = "repq",
-                         order: str = "sequential") -> None:
-    apply_ptq(model, w, a, calibration, qwt=qwt, repq_images=repq_images, ranges=ranges, calibration=order)
+                         order: str = "sequential", ends: bool = True) -> None:
+    apply_ptq(model, w, a, calibration, qwt=qwt, repq_images=repq_images, ranges=ranges, calibration=order,
+              ends=ends)
 
 
 QUANT_RESTORERS["repq"] = restore_ptq
 register_transform("ptq", _apply_ptq_transform,
                    {"w": REQUIRED, "a": REQUIRED, "qwt": False, "repq_images": 32, "ranges": "repq",
-                    "order": "sequential"},
+                    "order": "sequential", "ends": True},
                    lambda encoder: getattr(encoder, "quantizable", False), calibration=True,
                    example="ptq:w=8,a=8",
                    summary="RepQ-style post-training quantization at w/a bits, optionally with QwT compensation",

@@ -124,6 +124,23 @@ class QuantLinear(nn.Linear):
         return F.linear(self.input_quant(x), self.weight_quant(self.weight), self.bias)
 
 
+class QuantConv2d(nn.Conv2d):
+    """nn.Conv2d with `weight_quant` on its weight and `input_quant` on its input (made by class swap)."""
+
+    weight_quant: nn.Module
+    input_quant: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+def quantize_conv(conv: nn.Conv2d, weight_quant: nn.Module, input_quant: nn.Module) -> QuantConv2d:
+    """Turn `conv` into a QuantConv2d in place (same parameters, same name in the state dict)."""
+    conv.__class__ = QuantConv2d
+    conv.weight_quant, conv.input_quant = weight_quant, input_quant
+    return conv
+
+
 def quantize_linear(linear: nn.Linear, weight_quant: nn.Module, input_quant: nn.Module) -> QuantLinear:
     """Turn `linear` into a QuantLinear in place (same parameters, same name in the state dict)."""
     linear.__class__ = QuantLinear
