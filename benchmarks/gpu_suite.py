@@ -47,7 +47,7 @@ SMALL = {
               "text_tokens": 8, "repeats": 1},
     "clip": {"models": ["PlainViT-Ti-16-64", "DTP-ViT-Ti-16-64-4x"], "steps": 1, "warmup": 1, "workers": 0},
 }
-# The GPU issue's goals: (what, encoder group's baseline, variant, mode, figure, bound).
+# The GPU issue's goals: (what, model, mode, figure, bound), the figure of its row against its group's baseline.
 GOALS = [("DTP-ViT-B/32 10x train step realised", "dtp_vit_base_patch32_224_10x", "train", "realised", 0.85),
          ("DTP-ViT-B/16 4x train step realised", "dtp_vit_base_patch16_224_4x", "train", "realised", 0.85)]
 MEMORY_GOAL = ("DTP-ViT-B/32 10x training peak / ViT-B/32's", "dtp_vit_base_patch32_224_10x", 0.40)
