@@ -7,7 +7,8 @@ minus accelerate, logging and checkpoints. Models run one after the other on the
 (their loaders cannot be interleaved), after `--warmup` untimed steps each; samples/s over the
 timed steps, and the ratio to the first model.
 
-    python benchmarks/clip_step.py [--models ViT-B-32 DTP-ViT-B-32-10x] [--device cuda --precision bf16 --batch-size 256]
+    python benchmarks/clip_step.py [--models ViT-B-32 DTP-ViT-B-32-10x]
+                                   [--device cuda --precision bf16 --batch-size 256]
 """
 import tempfile
 import time

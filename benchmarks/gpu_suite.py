@@ -111,9 +111,11 @@ def fmt(value, spec: str = ".2f") -> str:
 
 
 def markdown(results: dict, context: str) -> str:
-    lines = [f"# dtpclip device suite\n\n{context}\n", "## Encoders (x = baseline / model; realised = time x / FLOP x)\n"]
+    lines = [f"# dtpclip device suite\n\n{context}\n",
+             "## Encoders (x = baseline / model; realised = time x / FLOP x)\n"]
     lines += table(["model", "vs", "mode", "GMACs", "FLOP x", "ms", "time x", "realised", "peak MB", "memory x"],
-                   [[r["model"], r["baseline"], r["mode"], fmt(r["gmacs"], ".3f"), fmt(r["flop_x"]), fmt(r["ms"], ".1f"),
+                   [[r["model"], r["baseline"], r["mode"], fmt(r["gmacs"], ".3f"), fmt(r["flop_x"]),
+                     fmt(r["ms"], ".1f"),
                      fmt(r["time_x"]), fmt(r["realised"]), fmt(r["peak_mb"], ".0f"), fmt(r["memory_x"])]
                     for r in results["encoders"]])
     attention = results["attention"]
@@ -122,7 +124,8 @@ def markdown(results: dict, context: str) -> str:
     lines += table(["layout", "scores (M per head)", "x needed"],
                    [[name, fmt(count / 1e6), fmt(count / needed)] for name, count in attention["scores"].items()])
     lines += [""] + table(["path", "fwd+bwd ms", "speed x padded"],
-                          [[name, fmt(ms), fmt(attention["ms"]["padded"] / ms)] for name, ms in attention["ms"].items()])
+                          [[name, fmt(ms), fmt(attention["ms"]["padded"] / ms)]
+                           for name, ms in attention["ms"].items()])
     lines += ["\n## Token merging (x = merged / baseline throughput)\n"]
     lines += table(["model", "method", "tokens", "GMACs", "FLOP x", "images/s", "speed x", "realised"],
                    [[r["model"], r["method"], str(r["tokens"]), fmt(r["gmacs"], ".3f"), fmt(r["flop_x"]),
@@ -150,14 +153,16 @@ def main(argv=None):
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (fp32, batch 32)")
     parser.add_argument("--small", action="store_true", help="tiny models and a few images (the test's profile)")
     parser.add_argument("--out", default=None,
-                        help="directory for suite.json and suite.md (default: benchmarks/results/suite-<device>-<time>)")
+                        help="directory for suite.json and suite.md "
+                             "(default: benchmarks/results/suite-<device>-<time>)")
     args = parse_args(parser, argv)
     if not args.cpu and not torch.cuda.is_available():
         parser.error("no CUDA device here: pass --cpu (and --small for the quick run)")
     device, precision = ("cpu", "fp32") if args.cpu else ("cuda", "bf16")
     batch = 4 if args.small else 32 if args.cpu else 256
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or Path(__file__).parent / "results" / f"suite-{device}{'-small' if args.small else ''}-{stamp}")
+    folder = f"suite-{device}{'-small' if args.small else ''}-{stamp}"
+    out = Path(args.out or Path(__file__).parent / "results" / folder)
     if (out / "suite.json").exists():
         parser.error(f"--out {str(out)!r} already holds a suite run: pass a new directory")
     out.mkdir(parents=True, exist_ok=True)

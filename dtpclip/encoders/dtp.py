@@ -35,7 +35,8 @@ class BoundaryPredictor(nn.Module):
 
     Training: soft ~ RelaxedBernoulli(temperature, p), hard = soft > threshold, and the returned
     boundaries are hard in value with the gradient of soft. Sampling and the returned boundaries are
-    fp32 whatever the predictor's dtype: bf16 noise shifts the rate (0.0973 sampled for p = 0.1). Eval (`eval_boundaries`):
+    fp32 whatever the predictor's dtype: bf16 noise shifts the rate (0.0973 sampled for p = 0.1).
+    Eval (`eval_boundaries`):
       'expected'  each image keeps its round(sum p) most probable boundaries (the default);
       'threshold' hard = p > threshold (DTP's rule for a converged predictor);
       'sample'    the training-time sampling.
@@ -216,7 +217,8 @@ class DTPViT(PlainViT):
             hook_attention(block.attn)
         hidden = predictor_hidden_dim or self.blocks[0].mlp.fc1.out_features
         if boundary_predictor not in self.BOUNDARY_PREDICTORS:
-            raise ValueError(f"boundary_predictor must be one of {self.BOUNDARY_PREDICTORS}, got {boundary_predictor!r}")
+            raise ValueError(f"boundary_predictor must be one of {self.BOUNDARY_PREDICTORS}, "
+                             f"got {boundary_predictor!r}")
         self.boundary_kind = boundary_predictor
         self.boundary_predictor = BoundaryPredictor(
             self.embed_dim, hidden, compression, temperature, threshold,

@@ -114,7 +114,8 @@ class DynamicViT(PlainViT):
                     policy = KeepPolicy(torch.cat([decision.new_ones(x.shape[0], prefix), decision[..., 0]], 1))
                 elif int(patches * self.keep_ratios[stage]) < alive.shape[1]:
                     keep = torch.topk(scores[..., 0], max(1, int(patches * self.keep_ratios[stage])), dim=1).indices
-                    x = torch.cat([x[:, :prefix], x[:, prefix:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))], 1)
+                    kept = x[:, prefix:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+                    x = torch.cat([x[:, :prefix], kept], 1)
                     decision, alive = decision.gather(1, keep[..., None]), alive.gather(1, keep)
                 stage += 1
             x = block(x, attn_mask=policy) if policy is not None else block(x)
