@@ -56,7 +56,7 @@ class VarlenBatch:
         order = torch.argsort(lengths, stable=True)
         ordered = lengths[order]
         total = sum(host_lengths)
-        cu_seqlens = torch.nn.functional.pad(torch.cumsum(ordered, 0), (1, 0)).to(torch.int32)
+        cu_seqlens = F.pad(torch.cumsum(ordered, 0), (1, 0)).to(torch.int32)
         slot = torch.repeat_interleave(torch.arange(len(host_lengths), device=device), ordered, output_size=total)
         rank = torch.arange(total, device=device) - cu_seqlens[:-1].long()[slot]
         source = order[slot] * seq_len + rank
@@ -65,10 +65,6 @@ class VarlenBatch:
             buckets[length] = buckets.get(length, 0) + 1
         return cls(source, cu_seqlens, tuple((count, length) for length, count in buckets.items()),
                    max(host_lengths))
-
-    @property
-    def total(self) -> int:
-        return self.source.numel()
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """[B, N, D] -> [1, T, D]: the real tokens only."""
