@@ -7,6 +7,7 @@ Sections (each a benchmark of this folder, run in this process with the profile'
   merge      merge_speed.py: ToMe and LGTM at r = 8/13/16 on ViT-B/16, throughput vs FLOP ratio
   llava      llava_speed.py: the LLaVA alignment step with plain vs DTP towers
   clip       clip_step.py: the CLIP train step end to end with the data loader
+  int8       int8_speed.py: ViT-B/32 fp32 vs W8A8 fake quantization vs W8A8 on int8 kernels (torchao on CUDA)
 Profiles: 'gpu' (default where CUDA is: bf16, batch 256; under 8 minutes on one H200 is the budget),
 'cpu' (`--cpu`: fp32, batch 32, this project's CPU goal) and `--cpu --small` (tiny models, a few
 images: what the test suite runs, so the script cannot rot). Goals of the GPU issue are checked
@@ -25,6 +26,7 @@ import torch
 
 import clip_step
 import encoder_speed
+import int8_speed
 import llava_speed
 import merge_speed
 import varlen_attention
@@ -38,6 +40,7 @@ FULL = {
     "merge": {"models": ["plain_vit_base_patch16_224"], "r": [8, 13, 16], "lgtm": True, "repeats": 5},
     "llava": {"towers": llava_speed.TOWERS, "batch_size": 32, "text_tokens": 24, "repeats": 5},
     "clip": {"models": clip_step.MODELS, "steps": 10, "warmup": 3, "workers": 8},
+    "int8": {"model": "plain_vit_base_patch32_224", "calib_images": 32, "repeats": 5},
 }
 SMALL = {
     "encoders": {"groups": [["plain_vit_tiny_patch16_64", "dtp_vit_tiny_patch16_64_4x"]], "repeats": 1},
@@ -46,6 +49,7 @@ SMALL = {
     "llava": {"towers": ["plain_vit_tiny_patch16_64", "dtp_vit_tiny_patch16_64_4x"], "batch_size": 2,
               "text_tokens": 8, "repeats": 1},
     "clip": {"models": ["PlainViT-Ti-16-64", "DTP-ViT-Ti-16-64-4x"], "steps": 1, "warmup": 1, "workers": 0},
+    "int8": {"model": "plain_vit_tiny_patch16_64", "calib_images": 4, "repeats": 1},
 }
 # The GPU issue's goals: (what, model, mode, figure, bound), the figure of its row against its group's baseline.
 GOALS = [("DTP-ViT-B/32 10x train step realised", "dtp_vit_base_patch32_224_10x", "train", "realised", 0.85),
@@ -84,6 +88,7 @@ def run_sections(profile: dict, device: str, precision: str, batch: int) -> dict
     results["merge"] = merge_speed.measure(argparse.Namespace(batch_size=batch, **profile["merge"], **common))
     results["llava"] = llava_speed.measure(argparse.Namespace(**profile["llava"], **common))
     results["clip"] = clip_step.measure(argparse.Namespace(batch_size=batch, **profile["clip"], **common))
+    results["int8"] = int8_speed.measure(argparse.Namespace(batch_size=batch, device=device, **profile["int8"]))
     results["seconds"] = time.perf_counter() - started
     return results
 
@@ -143,6 +148,13 @@ def markdown(results: dict, context: str) -> str:
     lines += table(["model", "samples/s", "step s", "speed x"],
                    [[name, fmt(r["samples_per_s"], ".1f"), fmt(r["step_s"], ".3f"),
                      fmt(r["samples_per_s"] / base["samples_per_s"])] for name, r in clip.items()])
+    int8 = results["int8"]
+    lines += [f"\n## W8A8 on integer kernels ({int8['model']}, {int8['kernel']}; x = fp32 time / time)\n"]
+    lines += table(["model", "ms", "speed x"], [[name, fmt(seconds * 1e3, ".1f"), fmt(int8["seconds"]["fp32"] / seconds)]
+                                                for name, seconds in int8["seconds"].items()])
+    gemm = int8["fc1_seconds"]
+    lines += [f"\nfc1 GEMM alone: {fmt(gemm['fp32'] / gemm['int8'])}x; pooled output relative error: int8 vs fake "
+              f"{fmt(int8['agreement'], '.1e')}, fake vs fp32 {fmt(int8['fake_error'], '.1e')}"]
     goals = goal_lines(results["encoders"])
     lines += ["\n## Goals\n"] + (goals or ["- (the goals are set for the full-size encoders)"])
     return "\n".join(lines) + "\n"

@@ -28,8 +28,10 @@ def test_gpu_suite_small_cpu_run_writes_every_section(tmp_path):
     llava = list(data["llava"].values())
     assert llava[1]["tokens_per_image"] < llava[0]["tokens_per_image"]  # the DTP tower passes fewer tokens
     assert all(r["samples_per_s"] > 0 for r in data["clip"].values())
+    assert set(data["int8"]["seconds"]) == {"fp32", "fake W8A8", "int8 W8A8"} and data["int8"]["kernel"] == "onednn"
+    assert data["int8"]["agreement"] < data["int8"]["fake_error"]
     table = (out / "suite.md").read_text()
-    for heading in ("## Encoders", "## Attention", "## Token merging", "## LLaVA", "## CLIP", "## Goals"):
+    for heading in ("## Encoders", "## Attention", "## Token merging", "## LLaVA", "## CLIP", "## W8A8", "## Goals"):
         assert heading in table
 
     again = run_suite(out)
