@@ -6,7 +6,7 @@ import timm
 import torch
 from conftest import tiny
 
-from dtpclip.encoders.quant import LSQQuantizer, QuantLinear, quant_range, quantize_model
+from dtpclip.encoders.quant import MSE_CLIP_PERCENTILES, LSQQuantizer, QuantLinear, quant_range, quantize_model
 from dtpclip.profile import build_visual_tower
 
 
@@ -82,12 +82,32 @@ def test_lsq_two_bits_symmetric_is_ternary():
     assert torch.allclose(out, (out / s).round() * s)
 
 
-def test_lsq_plus_offset_covers_the_first_batch_range():
-    quant = LSQQuantizer(bits=2, signed=False, symmetric=False, learned_offset=True)
-    v = torch.tensor([1.0, 1.4, 1.6, 4.0])
-    out = quant(v)
-    assert quant.offset.item() == pytest.approx(1.0) and quant.step.item() == pytest.approx(1.0)
-    assert out.tolist() == pytest.approx([1.0, 1.0, 2.0, 4.0])  # unsigned 2 bits: levels 1, 2, 3, 4
+def test_lsq_plus_activation_init_is_the_least_mse_clipping_of_the_first_batch():
+    """LSQ+ Sec. 3.3: (s, beta) of least MSE. On a heavy-tailed batch it clips the tails, which the min / max range
+    (the simple initialisation) does not, and no candidate of the search does better."""
+    v = torch.randn(1000, generator=torch.Generator().manual_seed(0)) ** 3
+    quant = LSQQuantizer(bits=3, signed=False, symmetric=False, learned_offset=True)
+    quant.initialize(v)
+
+    def mse(step, offset):
+        return float((torch.round(((v - offset) / step).clamp(0, 7)) * step + offset - v).square().mean())
+
+    chosen = mse(quant.step, quant.offset)
+    assert chosen < 0.5 * mse((v.max() - v.min()) / 7, v.min())
+    cuts = torch.tensor(MSE_CLIP_PERCENTILES)
+    for low in torch.quantile(v, cuts):
+        for high in torch.quantile(v, 1 - cuts):
+            assert chosen <= mse(((high - low) / 7).clamp_min(1e-8), low) + 1e-9
+
+
+def test_lsq_plus_weights_are_symmetric_with_the_3_sigma_step():
+    model = quantize_model(tiny(), 4, 4, learned_offset=True)
+    fc1 = model.blocks[0].mlp.fc1
+    assert fc1.weight_quant.offset is None and fc1.input_quant.offset is not None
+    fc1.weight_quant(fc1.weight)
+    w = fc1.weight.detach()
+    expected = max(abs(w.mean() - 3 * w.std()), abs(w.mean() + 3 * w.std())) / 2 ** 3
+    assert fc1.weight_quant.step.item() == pytest.approx(float(expected))
 
 
 def test_w16_is_nearly_exact_and_w8a8_close_to_float(images):

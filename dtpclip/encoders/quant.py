@@ -9,8 +9,10 @@ entering a Linear; heads x tokens x head_dim for q, k, v), or with `grad_scale='
 batch's elements as zhutmost/lsq-net computes it. (DTP's flat runs hold a batch's tokens in one
 row, so there N_F is the batch's.) s starts at
 2 * mean(|v|) / sqrt(Qp) on the first batch it sees. LSQ+ (Bhalgat et al. 2020, arXiv 2004.09576)
-adds a learned offset beta: v_hat = round(clamp((v - beta) / s, -Qn, Qp)) * s + beta, started
-from the first batch's min / max. Reference implementations read: the paper's pseudo-code (its
+adds a learned offset beta to activations: v_hat = round(clamp((v - beta) / s, -Qn, Qp)) * s + beta,
+with its initialisation (Sec. 3.3): activations' (s, beta) of least MSE on the first batch (searched
+here over clipping ranges between percentiles, `MSE_CLIP_PERCENTILES`), weights symmetric without an
+offset, s = max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1). Reference implementations read: the paper's pseudo-code (its
 Fig. 2), github.com/zhutmost/lsq-net.
 
 The patch layer (ToMe style: swap module classes in place, keep the encoder's weights and names):
@@ -71,18 +73,46 @@ def quant_range(bits: int, signed: bool, symmetric: bool = True) -> Tuple[int, i
     return (half - 1 if symmetric else half), half - 1
 
 
+MSE_CLIP_PERCENTILES = (0.0, 1e-4, 1e-3, 1e-2, 0.02, 0.05, 0.1)  # cut from each end in LSQ+'s MSE search
+INITS = ("lsq", "3sigma")  # LSQ's 2 mean|v| / sqrt(Qp); LSQ+'s weight rule (learned offsets: least MSE)
+
+
+@torch.no_grad()
+def least_mse_step_offset(v: torch.Tensor, qn: int, qp: int):
+    """LSQ+'s activation initialisation: (s, beta) of least quantization MSE on v, among the clipping ranges
+    [quantile(p), quantile(1 - q)] for p, q in MSE_CLIP_PERCENTILES."""
+    v = v.detach().float().flatten()
+    if v.numel() > 1 << 20:  # a seeded sample: torch.quantile's input limit, and cheaper
+        v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:1 << 20].to(v.device)]
+    cuts = torch.tensor(MSE_CLIP_PERCENTILES, device=v.device)
+    lows, highs = torch.quantile(v, cuts), torch.quantile(v, 1.0 - cuts)
+    best = None
+    for low in lows:
+        for high in highs:
+            step = ((high - low) / (qn + qp)).clamp_min(1e-8)
+            offset = low + qn * step
+            error = (torch.round(((v - offset) / step).clamp(-qn, qp)) * step + offset - v).square().mean()
+            if best is None or error < best[0]:
+                best = (error, step, offset)
+    return best[1], best[2]
+
+
 class LSQQuantizer(nn.Module):
     """Per-tensor LSQ (or LSQ+ with `learned_offset`) fake quantizer; see the module docstring.
 
     activation: N of g = 1 / sqrt(N * Qp) counts one example's elements ('paper') or the batch's
-    ('lsq-net'); for weights N is their number of elements either way.
+    ('lsq-net'); for weights N is their number of elements either way. init (without a learned offset):
+    'lsq' or LSQ+'s weight rule '3sigma'.
     """
 
     def __init__(self, bits: int, signed: bool = True, symmetric: bool = True, learned_offset: bool = False,
-                 activation: bool = False, grad_scale: str = "paper"):
+                 activation: bool = False, grad_scale: str = "paper", init: str = "lsq"):
         super().__init__()
         if grad_scale not in GRAD_SCALES:
             raise ValueError(f"LSQ grad_scale must be one of {GRAD_SCALES}, got {grad_scale!r}")
+        if init not in INITS:
+            raise ValueError(f"LSQ init must be one of {INITS}, got {init!r}")
+        self.init = init
         self.bits, self.signed, self.symmetric, self.learned_offset = bits, signed, symmetric, learned_offset
         self.qn, self.qp = quant_range(bits, signed, symmetric)
         self.activation, self.grad_scale = activation, grad_scale
@@ -92,11 +122,13 @@ class LSQQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialize(self, v: torch.Tensor) -> None:
-        """LSQ: s = 2 mean|v| / sqrt(Qp); LSQ+: s and beta so that [min, max] of v is the range."""
+        """LSQ: s = 2 mean|v| / sqrt(Qp); LSQ+ (see the module docstring): least-MSE (s, beta) or the 3 sigma rule."""
         if self.learned_offset:
-            low, high = v.min(), v.max()
-            step = ((high - low) / (self.qn + self.qp)).clamp_min(1e-8)
-            self.offset.copy_(low + self.qn * step)
+            step, offset = least_mse_step_offset(v, self.qn, self.qp)
+            self.offset.copy_(offset)
+        elif self.init == "3sigma":
+            mean, std = v.mean(), v.std()
+            step = (torch.maximum((mean - 3 * std).abs(), (mean + 3 * std).abs()) / 2 ** (self.bits - 1)).clamp_min(1e-8)
         else:
             step = (2 * v.abs().mean() / math.sqrt(self.qp)).clamp_min(1e-8)
         self.step.copy_(step)
@@ -188,7 +220,8 @@ def quantize_model(model: nn.Module, w_bits: Optional[int], a_bits: Optional[int
 
     Weights: signed, per tensor; activations entering Linears, q, k, v: signed; attention
     probabilities: unsigned. None bits leave weights (or activations) float: the summary seed's
-    weight-only and activation-only runs. symmetric: 2 bits is ternary; learned_offset: LSQ+; grad_scale:
+    weight-only and activation-only runs. symmetric: 2 bits is ternary; learned_offset: LSQ+ (offsets on
+    activations, its initialisation); grad_scale:
     the activations' N in LSQ's g ('paper' or 'lsq-net', see LSQQuantizer). The
     step sizes are parameters (train them with the rest); they initialise on the first forward, so
     run one batch of real data before evaluating an untrained model.
@@ -209,8 +242,9 @@ def quantize_model(model: nn.Module, w_bits: Optional[int], a_bits: Optional[int
         return nn.Identity() if a_bits is None else LSQQuantizer(a_bits, signed, symmetric, learned_offset, True,
                                                                  grad_scale)
 
-    def linear_quants(name, linear):
-        weight = nn.Identity() if w_bits is None else LSQQuantizer(w_bits, True, symmetric, learned_offset)
+    def linear_quants(name, linear):  # LSQ+ keeps weights symmetric, without an offset
+        weight = nn.Identity() if w_bits is None else LSQQuantizer(w_bits, True, symmetric,
+                                                                   init="3sigma" if learned_offset else "lsq")
         return weight, act()
 
     def attn_quants(attn):
