@@ -12,12 +12,17 @@ from dtpclip.evaluate import demo_eval_dir
 from dtpclip.registry import parse_transform, transform_info
 
 
+def _pick(stream, count: int, generator: torch.Generator) -> list:
+    """A seeded pick of `count` among the first 8 x count items of a stream."""
+    pool = list(itertools.islice(stream, 8 * count))
+    return [pool[int(i)] for i in torch.randperm(len(pool), generator=generator)[:count]]
+
+
 def calibration_images(source, preprocess: Callable, count: int = 32, split: str = "test",
                        seed: int = 0) -> torch.Tensor:
-    """`count` preprocessed images [count, 3, H, W]: a seeded random pick from an eval-set directory
-    (among its first 8 x count images when it streams, as class-sorted wds sets do), or the first
-    images of train shards (a dtpclip.data spec: brace pattern, list, a directory of .tar files
-    without an eval set's classnames.txt)."""
+    """`count` preprocessed images [count, 3, H, W]: a seeded random pick from an eval-set directory, or
+    from train shards (a dtpclip.data spec: brace pattern, list, a directory of .tar files without an eval
+    set's classnames.txt); among the first 8 x count images where they stream (shards, class-sorted wds sets)."""
     if count < 1:
         raise ValueError(f"--calib-images must be at least 1, got {count}")
     generator = torch.Generator().manual_seed(seed)
@@ -25,16 +30,14 @@ def calibration_images(source, preprocess: Callable, count: int = 32, split: str
     if path.is_dir() and ((path / CLASSNAMES_FILE).is_file() or not any(path.glob("*.tar"))):
         dataset: Dataset = load_eval_set(path, preprocess, split).dataset
         if isinstance(dataset, IterableDataset):
-            pool = [image for image, _ in itertools.islice(dataset, 8 * count)]
-            images = [pool[int(i)] for i in torch.randperm(len(pool), generator=generator)[:count]]
+            images = _pick((image for image, _ in dataset), count, generator)
         else:
             images = [dataset[int(i)][0] for i in torch.randperm(len(dataset), generator=generator)[:count]]
     else:
-        images = [preprocess(s.image.convert("RGB")) for s in itertools.islice(iter_samples(str(source)), count)]
+        images = _pick((preprocess(s.image.convert("RGB")) for s in iter_samples(str(source))), count, generator)
     if not images:
         raise ValueError(f"--calib-data {str(source)!r} has no images (expected an eval-set directory or shards)")
     return torch.stack(images)
-
 
 
 def default_calibration_source() -> Path:

@@ -183,6 +183,8 @@ def test_calibration_images_from_train_shards_and_an_eval_set(small_demo):
     assert shards.shape == evalset.shape == (5, 3, 64, 64)
     assert torch.equal(evalset, calibration.calibration_images(small_demo.eval_dir, preprocess, 5))  # seeded
     assert not torch.equal(evalset, calibration.calibration_images(small_demo.eval_dir, preprocess, 5, seed=1))
+    assert torch.equal(shards, calibration.calibration_images(small_demo.root / "train", preprocess, 5))
+    assert not torch.equal(shards, calibration.calibration_images(small_demo.root / "train", preprocess, 5, seed=1))
 
 
 def test_vit_lite_ptq_is_close_at_w8a8_and_its_state_restores_exactly():
