@@ -58,7 +58,9 @@ def test_bad_studies_are_clear_errors(tmp_path, entries, message):
         study.load_study(str(path))
 
 
-def test_unknown_study_and_only_names():
+def test_built_in_studies_are_valid_and_unknown_names_are_errors():
+    assert [e["name"] for e in study.needed(study.load_study("dtp_recipes"), ["DTP 4x from ViT 3 epochs + KD"])] == \
+        ["ViT 3 epochs", "DTP 4x from ViT 3 epochs + KD"]
     with pytest.raises(FileNotFoundError, match="neither a built-in study"):
         study.load_study("nonexistent.yaml")
     with pytest.raises(ValueError, match="no such entries"):
