@@ -1,9 +1,10 @@
 """The demo's language model: a tiny Llama and a byte-level BPE tokenizer, built offline.
 
 LLaVA aligns a projector to an LM that already knows language; so that the demo's caption loss
-means the same thing, the tiny Llama (hidden 64, 2 layers, 4 heads) is first trained for a few
-hundred steps as a plain LM on the demo captions and the conversation templates' text (a
-minute on one CPU core). Tokenizer and model are saved with `save_pretrained` under
+means the same thing, the tiny Llama (hidden 64, 2 layers, 4 heads) is first trained for a
+thousand steps as a plain LM on the demo captions and conversations, and on each record as the
+stages tokenize it with the subject's name in the image's place (`samples`; about 150 s on one
+CPU core). Tokenizer and model are saved with `save_pretrained` under
 $DTPCLIP_LLAVA_LM_DIR or ~/.cache/dtpclip/llava_demo_lm, in a directory named by the content it is
 built from (the data file's bytes, the recipe), so an LM a run was trained with is never rebuilt
 in place by another; they load back with `from_pretrained(path)` like any local LM. Building is
@@ -11,6 +12,7 @@ seeded, idempotent (a marker written last) and guarded by a file lock, so severa
 The tokenizer adds BOS to what it encodes, as Llama's does.
 """
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -18,7 +20,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -27,11 +29,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dtpclip.cli import status
 from dtpclip.demo_data import CLASSNAMES
-from llava_bridge.conversation import TEMPLATES
+from llava_bridge.conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES, tokenize_conversation
 
 ENV_VAR = "DTPCLIP_LLAVA_LM_DIR"
 MARKER = "COMPLETE.json"
-VERSION = 4
+VERSION = 5
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 LM_CONFIG = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=False)
@@ -62,39 +64,89 @@ def build_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def corpus(captions: Sequence[str], prompts: Sequence[str]) -> List[str]:
-    """Texts the demo LM learns: the captions in both templates' answer form with the prompts, each once as it is
-    and once with its subject's name where the image goes. The second teaches what a real LM knows and a 2-layer
-    one trained on captions alone does not: to take the subject from earlier in the context, where stage 1's
-    projected image tokens stand (without it, the frozen demo LM captions every image alike)."""
+def subject_of(caption: str) -> Optional[str]:
+    return next((name for name in CLASSNAMES if re.search(rf"\b{name}\b", caption)), None)
+
+
+def question_caption(record: dict) -> Tuple[str, str]:
+    human, gpt = record["conversations"][:2]
+    return human["value"].replace(IMAGE_TOKEN, "").strip(), gpt["value"]
+
+
+def texts(records: Sequence[dict]) -> List[str]:
+    """The demo's language as text (what the tokenizer learns): each caption alone and as a vicuna_v1 answer."""
     vicuna = TEMPLATES["vicuna_v1"]
-    rng = random.Random(0)
-    texts = []
-    for prompt, caption in zip(prompts, captions):
-        subject = next((name for name in CLASSNAMES if re.search(rf"\b{name}\b", caption)), None)
-        # the name as often as an image gives tokens (a few to a dozen): a run of look-alike positions
-        named = " ".join([subject] * rng.randint(1, 12)) if subject else None
-        for image in ["", named] if named else [""]:
-            texts.append(f"{image} {caption}\n" if image else caption + "\n")
-            question = f"{image}\n{prompt}" if image else prompt
-            texts.append(vicuna.system + vicuna.turn_prompt.format(question=question)
-                         + vicuna.turn_answer.format(answer=caption, eos=""))
-    return texts
+    out = []
+    for question, caption in map(question_caption, records):
+        out.append(caption + "\n")
+        out.append(vicuna.system + vicuna.turn_prompt.format(question=question)
+                   + vicuna.turn_answer.format(answer=caption, eos=""))
+    return out
 
 
-def pretrain_lm(model, tokenizer, texts: Sequence[str], steps: int, batch_size: int = 32, lr: float = 3e-3,
-                seed: int = 0) -> List[float]:
-    """Plain next-token training on `texts` (bos + text + eos); returns the loss per step."""
+def fill_image(input_ids: Sequence[int], slot: Sequence[int]) -> Tuple[List[int], List[int]]:
+    """(ids, labels): the image placeholder replaced by `slot`, whose positions take no loss, as stage 1's image
+    tokens take none; every text token is learnt."""
+    ids, labels = [], []
+    for token in input_ids:
+        ids += list(slot) if token == IMAGE_TOKEN_INDEX else [token]
+        labels += [IGNORE_INDEX] * len(slot) if token == IMAGE_TOKEN_INDEX else [token]
+    return ids, labels
+
+
+def samples(records: Sequence[dict], tokenizer, seed: int = 0) -> List[Tuple[List[int], List[int]]]:
+    """(ids, labels) the demo LM learns: per record its text without the image (caption; vicuna_v1 conversation),
+    and the same two as stage 1 and 2 tokenize them with the image, the image's place holding the subject's name
+    1 to 16 times (the visual tokens a demo tower gives: DTP about 5, a plain ViT-Ti/16 16). The second teaches what
+    a real LM knows and a 2-layer one trained on captions alone does not: to take the subject from where the
+    projected image tokens will stand. Those positions take no loss, as in stage 1, so the LM never learns to
+    continue a run of names (it answered "heart heart heart ... a photo of the heart" when it did)."""
+    rng = random.Random(seed)
+    eos = [tokenizer.eos_token_id]
+
+    # a data set repeats its few prompts and captions: each text is tokenized once
+    @functools.lru_cache(maxsize=None)
+    def caption_ids(caption: str) -> List[int]:
+        return tokenizer(caption + "\n")["input_ids"] + eos
+
+    @functools.lru_cache(maxsize=None)
+    def tokenized(human: str, gpt: str, template: str) -> List[int]:
+        ids = tokenize_conversation([{"from": "human", "value": human}, {"from": "gpt", "value": gpt}], tokenizer,
+                                    TEMPLATES[template])[0].tolist()
+        return ids + eos if TEMPLATES[template].image_only else ids  # plain answers carry no eos of their own
+
+    out = []
+    for record in records:
+        question, caption = question_caption(record)
+        plain_text, vicuna_text = caption_ids(caption), tokenized(question, caption, "vicuna_v1")
+        out += [(plain_text, plain_text), (vicuna_text, vicuna_text)]
+        subject = subject_of(caption)
+        if subject is None:
+            continue
+        slot = tokenizer(" ".join([subject] * rng.randint(1, 16)), add_special_tokens=False)["input_ids"]
+        human = record["conversations"][0]["value"]
+        out += [fill_image(tokenized(human, caption, template), slot) for template in ("plain", "vicuna_v1")]
+    return out
+
+
+def pretrain_lm(model, tokenizer, data: Sequence[Tuple[List[int], List[int]]], steps: int, batch_size: int = 32,
+                lr: float = 3e-3, seed: int = 0) -> List[float]:
+    """Next-token training on `data` ((ids, labels) pairs, right-padded per batch); returns the loss per step."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * (1 - s / steps))
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc="demo LM pre-training", unit="step"):
-        batch = tokenizer([tokenizer.bos_token + t + tokenizer.eos_token for t in rng.sample(texts, batch_size)],
-                          add_special_tokens=False, padding=True, return_tensors="pt")
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
+        batch = rng.sample(data, batch_size)
+        length = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)
+        labels = torch.full((batch_size, length), IGNORE_INDEX)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        for row, (ids, lab) in enumerate(batch):
+            input_ids[row, :len(ids)], labels[row, :len(ids)] = torch.tensor(ids), torch.tensor(lab)
+            attention_mask[row, :len(ids)] = 1
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -121,14 +173,11 @@ def ensure_demo_lm(root: Optional[os.PathLike] = None, llava_json: Optional[os.P
         if (root / MARKER).is_file():
             return root
         records = json.loads(Path(llava_json).read_text())
-        captions = [r["conversations"][1]["value"] for r in records]
-        prompts = [r["conversations"][0]["value"].replace("<image>", "").strip() for r in records]
-        texts = corpus(captions, prompts)
         status(f"building the demo LM into {root}: a tokenizer and a tiny Llama trained {steps} steps on the demo "
                "captions (once per data set)")
-        tokenizer = build_tokenizer(texts)
+        tokenizer = build_tokenizer(texts(records))
         model = build_model(tokenizer)
-        losses = pretrain_lm(model, tokenizer, texts, steps)
+        losses = pretrain_lm(model, tokenizer, samples(records, tokenizer), steps)
         staging = root.with_name(root.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         tokenizer.save_pretrained(staging)
