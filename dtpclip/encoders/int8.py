@@ -55,7 +55,7 @@ class Int8Linear(nn.Module):
         if backend == "onednn":
             codes, scale = symmetric_int8(weight, 63 if _reduce_range(weight.device) else 127)
             self.register_buffer("weight_zero_point", torch.zeros(len(scale), dtype=torch.long))
-            self._packed = torch.ops.onednn.qlinear_prepack(codes, None)  # opaque oneDNN layout, rebuilt on load
+            self._packed = torch.ops.onednn.qlinear_prepack(codes, None)  # oneDNN's opaque layout, not in the state dict
         else:
             self._torchao_linear = self._build_torchao(weight)
             codes, scale = self._torchao_linear.weight.qdata, self._torchao_linear.weight.scale.flatten()
