@@ -108,12 +108,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def is_w8a8_ptq(vit: nn.Module) -> bool:
+    config = getattr(vit, "_quant_config", None) or {}
+    return config.get("method") == "repq" and (config.get("w_bits"), config.get("a_bits")) == (8, 8)
+
+
 @torch.no_grad()
 def lower_to_int8(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Swap every 8-bit QuantLinear of a W8A8 PTQ'd model's ViT for an Int8Linear, in place; returns `model`."""
     vit = find_encoder(model)
     config = getattr(vit, "_quant_config", None) or {}
-    if config.get("method") != "repq" or (config.get("w_bits"), config.get("a_bits")) != (8, 8):
+    if not is_w8a8_ptq(vit):
         raise ValueError("int8 kernels run a W8A8 RepQ PTQ model: apply ptq:w=8,a=8 first (or load its checkpoint); "
                          f"this model's quantization is {config or 'none (float)'}")
     backend = resolve_backend(backend, next(vit.parameters()).device)
@@ -130,7 +135,6 @@ def _apply_int8_transform(model: nn.Module, calibration, backend: str = "auto") 
     lower_to_int8(model, backend)
 
 
-register_transform("int8", _apply_int8_transform, {"backend": "auto"},
-                   lambda encoder: getattr(encoder, "quantizable", False), example="int8",
+register_transform("int8", _apply_int8_transform, {"backend": "auto"}, is_w8a8_ptq, example="int8",
                    summary="W8A8 PTQ's Linears on integer kernels (oneDNN on CPU, torchao on CUDA); after ptq:w=8,a=8",
                    title="int8 kernels")
