@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from dtpclip.cli import add_json_output, make_parser, measure_and_report, parse_args
+from dtpclip.cli import make_parser, run_benchmark
 from dtpclip.encoders.int8 import Int8Linear, lower_to_int8, resolve_backend
 from dtpclip.encoders.ptq import apply_ptq
 from dtpclip.factory import create_encoder
@@ -75,13 +75,7 @@ def main(argv=None):
     parser.add_argument("--calib-images", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 keeps ratios stable on a shared CPU (0: torch's default)")
-    add_json_output(parser)
-    args = parse_args(parser, argv)
-    if args.threads and args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    measure_and_report(args, measure, report)
+    run_benchmark(parser, argv, measure, report)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ medians reported.
 """
 import torch
 
-from dtpclip.cli import add_json_output, make_parser, measure_and_report, parse_args
+from dtpclip.cli import make_parser, run_benchmark
 from dtpclip.measure import autocast, interleaved_median_times, peak_memory_bytes
 from llava_bridge.align import token_loss
 from llava_bridge.build import build_vision_tower
@@ -84,12 +84,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    add_json_output(parser)
-    args = parse_args(parser, argv)
-    if args.threads and args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    measure_and_report(args, measure, report)
+    run_benchmark(parser, argv, measure, report)
 
 
 if __name__ == "__main__":

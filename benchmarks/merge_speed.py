@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from dtpclip.cli import add_json_output, make_parser, measure_and_report, parse_args
+from dtpclip.cli import make_parser, run_benchmark
 from dtpclip.encoders.merge import apply_lgtm, apply_tome, merged_token_counts, remove_tome
 from dtpclip.flops import count_macs
 from dtpclip.measure import autocast, synchronize
@@ -116,13 +116,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 keeps ratios stable on a shared CPU (0: torch's default)")
-    add_json_output(parser)
-    args = parse_args(parser, argv)
-    if args.threads and args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    measure_and_report(args, measure, report)
+    run_benchmark(parser, argv, measure, report)
 
 
 if __name__ == "__main__":

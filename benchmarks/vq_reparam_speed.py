@@ -16,7 +16,7 @@ Ratios are the plain ViT's figure / the row's.
 import timm
 import torch
 
-from dtpclip.cli import add_json_output, make_parser, measure_and_report, parse_args
+from dtpclip.cli import make_parser, run_benchmark
 from dtpclip.encoders.vit import TIMM_IMAGENET_LAYOUT
 from dtpclip.flops import count_macs
 from dtpclip.measure import interleaved_median_times
@@ -77,12 +77,8 @@ def main(argv=None):
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--levels", type=int, nargs="+", default=[3, 3, 3, 3], help="FSQ levels")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=5)
-    add_json_output(parser)
-    args = parse_args(parser, argv)
-    torch.set_num_threads(args.threads)
-    measure_and_report(args, measure, report)
+    run_benchmark(parser, argv, measure, report)
 
 
 if __name__ == "__main__":

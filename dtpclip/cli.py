@@ -187,6 +187,19 @@ def measure_and_report(args: argparse.Namespace, measure: Callable, report: Call
     return results
 
 
+def run_benchmark(parser: argparse.ArgumentParser, argv, measure: Callable, report: Callable):
+    """A CPU-threaded benchmark's main: `--threads` and `--json` added, arguments parsed, torch's CPU threads
+    set (where `--device` is cpu or absent), then `measure_and_report`."""
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 keeps ratios stable on a shared CPU (0: torch's default)")
+    add_json_output(parser)
+    args = parse_args(parser, argv)
+    if args.threads and getattr(args, "device", "cpu") == "cpu":
+        import torch  # here, not at the top: the entry points' --help stays torch-free
+        torch.set_num_threads(args.threads)
+    return measure_and_report(args, measure, report)
+
+
 # What bad input raises (a missing or existing file, a full disk, a wrong value, an unknown name, a transform
 # that does not apply to the encoder): the message names the input, so the entry point prints only that.
 BAD_INPUT = (OSError, ValueError, KeyError, TypeError)
