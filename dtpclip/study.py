@@ -169,11 +169,17 @@ def train_entry(entry: dict, out: Path, seed: int) -> Path:
 
     directory = run_dir(out, entry["name"], seed)
     done = directory / "study_done.json"
-    if done.exists():
-        return directory
     settings = {k: (str(resolve_checkpoint(run_dir(out, v[len(RUN_REF):], seed))[0])
                     if isinstance(v, str) and v.startswith(RUN_REF) else v)
                 for k, v in entry.items() if k != "name"}
+    if done.exists():  # a finished run is reused only for the settings it was trained with
+        before = json.loads(done.read_text())["settings"]
+        changed = sorted(k for k in set(before) | set(settings)
+                         if json.dumps(before.get(k), default=str) != json.dumps(settings.get(k), default=str))
+        if changed:
+            raise ValueError(f"{directory} holds a finished run of entry {entry['name']!r} trained with other "
+                             f"settings ({', '.join(changed)}); pass another --out for this study")
+        return directory
     summary = train(TrainConfig(**settings, run_dir=str(directory), seed=seed))
     done.write_text(json.dumps({"settings": settings, "seed": seed, "summary": summary}, indent=2, default=str) + "\n")
     return directory

@@ -43,6 +43,12 @@ def test_study_trains_each_seed_scores_and_skips_finished_runs(micro_vit_clip_na
     again = study.main(argv + ["--only", "vit tome"])  # builds on vit, whose runs are done
     assert [r["name"] for r in again["rows"]] == ["vit", "vit tome"]
 
+    changed = yaml.safe_load(spec.read_text())
+    changed[0]["lr"] = 5e-4
+    spec.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ValueError, match=r"vit/seed0 holds a finished run .* other settings \(lr\)"):
+        study.main(argv + ["--only", "vit"])  # another study of the same name reuses no run it did not train
+
 
 @pytest.mark.parametrize("entries, message", [
     ([{"name": "a"}], "needs `model`"),
