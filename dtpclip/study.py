@@ -8,13 +8,15 @@ A study is a list of entries (a built-in name or a YAML / JSON file of the same 
 - a transform entry: `{name: ..., of: OTHER, transform: SPEC}`, the training-free transform applied to
   each seed's run of OTHER (calibrating ones on the demo's train shards).
 
-Finished runs are kept (a `study_done.json` beside each), so a killed study goes on where it stopped, and
-a run cut short resumes from its last checkpoint. Each run is then scored on the eval set: zero-shot top-1
+Finished runs are kept (a `study_done.json` beside each, with the entry's settings), so a killed study goes on
+where it stopped, and a run cut short resumes from its last checkpoint. Studies share one directory of runs
+by default: an entry of the same name and settings in another study (the plain ViT, DTP 4x) is trained once;
+one of the same name and other settings is refused, never reused. Each run is then scored on the eval set: zero-shot top-1
 (mean and sample standard deviation over seeds), GMACs per image of the visual tower (counted on eval
 images, DTP on its actual tokens), and, on seed 0's weights, the visual tower's measured inference time per
 image and its forward + backward step (trained entries), timed one entry after another in this process.
-Outputs in OUT: study.json (every run and the aggregates), study.md (the table), study.png (top-1 against
-GMACs and against inference time, error bars over seeds).
+Outputs in OUT, named after the study: NAME.json (every run and the aggregates), NAME.md (the table), NAME.png
+(top-1 against GMACs and against inference time, error bars over seeds).
 
     python -m dtpclip.study                                  # the families study on the demo, 3 seeds
     python -m dtpclip.study --study recipes.yaml --seeds 0 1 2 --out runs/recipes
@@ -67,7 +69,8 @@ def make_arg_parser():
     parser.add_argument("--study", default="families", help=f"a built-in study ({', '.join(STUDIES)}) or a YAML / "
                         "JSON file: a list of entries (see the module docstring)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every trained entry")
-    parser.add_argument("--out", default=None, help="study directory (None: <runs root>/study-<study name>)")
+    parser.add_argument("--out", default=None,
+                        help="directory of the runs and the outputs (None: <runs root>/studies, shared by studies)")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
                         help="run and score only these entries (and the entries they build on)")
     parser.add_argument("--eval-data", default=None, help="zero-shot eval set (None: the demo eval set)")
@@ -169,18 +172,18 @@ def train_entry(entry: dict, out: Path, seed: int) -> Path:
 
     directory = run_dir(out, entry["name"], seed)
     done = directory / "study_done.json"
-    settings = {k: (str(resolve_checkpoint(run_dir(out, v[len(RUN_REF):], seed))[0])
-                    if isinstance(v, str) and v.startswith(RUN_REF) else v)
-                for k, v in entry.items() if k != "name"}
+    settings = {k: v for k, v in entry.items() if k != "name"}  # run: references as written: the pool can move
     if done.exists():  # a finished run is reused only for the settings it was trained with
         before = json.loads(done.read_text())["settings"]
         changed = sorted(k for k in set(before) | set(settings)
                          if json.dumps(before.get(k), default=str) != json.dumps(settings.get(k), default=str))
         if changed:
             raise ValueError(f"{directory} holds a finished run of entry {entry['name']!r} trained with other "
-                             f"settings ({', '.join(changed)}); pass another --out for this study")
+                             f"settings ({', '.join(changed)}); rename the entry or pass another --out")
         return directory
-    summary = train(TrainConfig(**settings, run_dir=str(directory), seed=seed))
+    resolved = {k: (str(resolve_checkpoint(run_dir(out, v[len(RUN_REF):], seed))[0])
+                    if isinstance(v, str) and v.startswith(RUN_REF) else v) for k, v in settings.items()}
+    summary = train(TrainConfig(**resolved, run_dir=str(directory), seed=seed))
     done.write_text(json.dumps({"settings": settings, "seed": seed, "summary": summary}, indent=2, default=str) + "\n")
     return directory
 
@@ -256,7 +259,7 @@ def main(argv=None, args=None) -> Dict[str, object]:
     args.device = args.device or default_device()
     entries = needed(load_study(args.study), args.only)
     study_name = args.study if args.study in STUDIES else Path(args.study).stem
-    out = Path(args.out or runs_root() / f"study-{study_name}")
+    out = Path(args.out or runs_root() / "studies")
     eval_data = str(args.eval_data or demo_eval_dir())
     by_name = {e["name"]: e for e in entries}
     for entry in entries:
@@ -273,10 +276,11 @@ def main(argv=None, args=None) -> Dict[str, object]:
         print(markdown(rows[-1:], "").splitlines()[-1], flush=True)
     context = (f"Study {study_name!r}: seeds {args.seeds}, zero-shot on {eval_data}, timed on {args.device} "
                f"(batch {args.batch_size}, median of {args.repeats})")
-    (out / "study.json").write_text(json.dumps({"context": context, "rows": rows, "runs": runs}, indent=2) + "\n")
-    (out / "study.md").write_text(markdown(rows, context))
-    plot(rows, out / "study.png", context)
-    print(f"wrote {out / 'study.md'}, {out / 'study.json'} and {out / 'study.png'}")
+    outputs = [out / f"{study_name}.{kind}" for kind in ("md", "json", "png")]
+    outputs[0].write_text(markdown(rows, context))
+    outputs[1].write_text(json.dumps({"context": context, "rows": rows, "runs": runs}, indent=2) + "\n")
+    plot(rows, outputs[2], context)
+    print(f"wrote {', '.join(map(str, outputs))}")
     return {"rows": rows, "runs": runs, "out": str(out)}
 
 

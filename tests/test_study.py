@@ -32,9 +32,9 @@ def test_study_trains_each_seed_scores_and_skips_finished_runs(micro_vit_clip_na
     assert rows["vit tome"]["gmacs"] < rows["vit"]["gmacs"] and rows["vit tome"]["train_step_ms"] is None
     assert rows["dtp from vit"]["train_step_ms"] > 0
     done = json.loads((tmp_path / "out" / "dtp_from_vit" / "seed1" / "study_done.json").read_text())
-    assert "/vit/seed1/checkpoints/" in done["settings"]["pretrained"]  # run:vit, the same seed's
-    table = (tmp_path / "out" / "study.md").read_text()
-    assert "| vit tome |" in table and (tmp_path / "out" / "study.png").stat().st_size > 0
+    assert done["settings"]["pretrained"] == "run:vit"  # the same seed's, recorded as written
+    table = (tmp_path / "out" / "s.md").read_text()
+    assert "| vit tome |" in table and (tmp_path / "out" / "s.png").stat().st_size > 0
 
     def no_training(cfg):
         raise AssertionError(f"{cfg.run_dir} was finished and trained again")
@@ -42,6 +42,10 @@ def test_study_trains_each_seed_scores_and_skips_finished_runs(micro_vit_clip_na
     monkeypatch.setattr("dtpclip.training.train", no_training)
     again = study.main(argv + ["--only", "vit tome"])  # builds on vit, whose runs are done
     assert [r["name"] for r in again["rows"]] == ["vit", "vit tome"]
+    other = tmp_path / "other.yaml"  # another study with the same entry shares its runs
+    other.write_text(yaml.safe_dump(yaml.safe_load(spec.read_text())[:1]))
+    assert [r["name"] for r in study.main([*argv[2:], "--study", str(other)])["rows"]] == ["vit"]
+    assert "| vit |" in (tmp_path / "out" / "other.md").read_text()
 
     changed = yaml.safe_load(spec.read_text())
     changed[0]["lr"] = 5e-4
