@@ -41,6 +41,11 @@ class TrainConfig:
                                       "the in-batch image-text logits")
     distill_weight: float = _f(1.0, "weight of the distillation loss (with --teacher)")
     distill_temperature: float = _f(1.0, "KD temperature on the logits (with --teacher)")
+    reduction_anneal: float = _f(0.0, "anneal the token reduction over this fraction of the steps, from none to the "
+                                      "encoder's target on a half cosine (EViT's keep-rate schedule; DTP: boundary "
+                                      "rate 1 -> prior); 0: off", min=0.0)
+    reduction_anneal_start: float = _f(0.0, "fraction of the steps before the anneal, without reduction (EViT's "
+                                            "shrink_start)", min=0.0)
     grad_checkpointing: bool = _f(False, "recompute activations in backward")
     compile: bool = _f(False, "torch.compile the model")
     lock_image: bool = _f(False, "freeze the visual tower")
@@ -59,3 +64,6 @@ class TrainConfig:
 
     def __post_init__(self):
         check_config(self)
+        if self.reduction_anneal_start + self.reduction_anneal > 1:
+            raise ValueError(f"--reduction-anneal-start ({self.reduction_anneal_start}) + --reduction-anneal "
+                             f"({self.reduction_anneal}) must be at most 1: the anneal ends within the run")

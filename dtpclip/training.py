@@ -146,6 +146,7 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = loader.num_batches // cfg.grad_accum_steps
     total_steps = steps_per_epoch * cfg.epochs
     model = ContrastiveModel(clip)
+    anneal = reduction_annealer(cfg, clip.visual.trunk, total_steps)
     teacher = load_clip_teacher(cfg.teacher, clip.context_length, accelerator.device) if cfg.teacher else None
     # fused: one kernel for all parameters, 5x faster a step on the CPU demo (README, Design decisions)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
@@ -215,6 +216,7 @@ def train(cfg: TrainConfig) -> dict:
         for micro, (images, texts) in enumerate(loader):
             images, texts = images.to(accelerator.device), texts.to(accelerator.device)
             window.data_time += time.perf_counter() - end
+            anneal(step)
             with accelerator.accumulate(model):
                 terms, stats = contrastive_step(model, loss_fn, images, texts, cfg, accelerator, teacher)
                 optimizer.step()
@@ -264,6 +266,30 @@ def run_summary(run_dir: Path, step: int, evals: list, seconds: float) -> str:
                   f"best {best['top1']:.4f} (epoch {best_epoch:g})",
                   f"  evaluate again  python -m dtpclip.zeroshot --checkpoint {run_dir}"]
     return "\n".join(lines)
+
+
+def reduction_strength(progress: float, start: float, length: float) -> float:
+    """EViT's keep-rate schedule (Liang et al. 2022, youweiliang/evit `adjust_keep_rate`) as a reduction
+    strength: 0 (no reduction) until `start`, a half cosine up to 1 over `length`, then 1 (fractions of
+    the run). EViT's DeiT-S: start 10 / 300 epochs, length 100 / 300."""
+    if progress >= start + length:
+        return 1.0
+    return 0.0 if progress <= start else (1.0 - math.cos(math.pi * (progress - start) / length)) / 2.0
+
+
+def reduction_annealer(cfg: TrainConfig, encoder: nn.Module, total_steps: int):
+    """step -> None, setting the encoder's reduction strength (no-op without --reduction-anneal)."""
+    if not cfg.reduction_anneal:
+        return lambda step: None
+    if not hasattr(encoder, "set_reduction_strength"):
+        raise ValueError(f"--reduction-anneal: {cfg.model}'s encoder ({type(encoder).__name__}) has no token "
+                         "reduction to anneal; DTP-ViT (gumbel boundaries) has")
+
+    def anneal(step: int) -> None:
+        encoder.set_reduction_strength(reduction_strength(step / total_steps, cfg.reduction_anneal_start,
+                                                          cfg.reduction_anneal))
+    anneal(0)  # an encoder that cannot anneal (DTP with entropy boundaries) says so before any step
+    return anneal
 
 
 def contrastive_step(model, loss_fn, images, texts, cfg: TrainConfig, accelerator, teacher=None):

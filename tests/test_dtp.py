@@ -201,3 +201,25 @@ def test_torch_compile_matches_eager_with_dynamic_token_counts():
             assert (compiled(images) - model(images)).abs().max() < 1e-5
             graphs.append(counters["stats"]["unique_graphs"])
     assert len(lengths) >= 4 and graphs[4] == graphs[3]
+
+
+def test_annealed_rate_shifts_the_boundaries_and_the_loss_to_it():
+    torch.manual_seed(0)
+    predictor = BoundaryPredictor(8, 8, prior=0.25).train()
+    with torch.no_grad():
+        predictor.mlp[-1].weight.zero_()  # p = prior for every token, before the shift
+    x = torch.zeros(256, 576, 8)
+    for strength, rate in ((0.0, BoundaryPredictor.MAX_RATE), (0.5, 0.25 + 0.5 * (BoundaryPredictor.MAX_RATE - 0.25))):
+        predictor.set_strength(strength)
+        assert abs(predictor(x).mean().item() - rate) < 0.005
+        sampled = predictor(x)  # the loss is least at the annealed rate, not at the prior
+        assert predictor.loss(sampled) < BoundaryPredictor(8, 8, prior=0.25).loss(sampled)
+    predictor.set_strength(1.0)
+    assert predictor.logit_offset == 0.0 and predictor.rate == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"reduction strength must be in \[0, 1\], got 1.5"):
+        predictor.set_strength(1.5)
+
+
+def test_entropy_boundaries_refuse_an_anneal():
+    with pytest.raises(ValueError, match="no boundary rate to anneal"):
+        tiny("dtp_vit_tiny_patch8_64", boundary_predictor="entropy").set_reduction_strength(0.5)

@@ -1,5 +1,6 @@
 """The CLIP loop: resume continues exactly (also after SIGKILL), loss falls, parameter groups."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ from accelerate import Accelerator
 
 from dtpclip.checkpoint import read_state_dict
 from dtpclip.checkpoint import resolve_checkpoint
-from dtpclip.training import ContrastiveModel, TrainConfig, contrastive_step, load_clip_teacher, param_groups, train
+from dtpclip.training import (ContrastiveModel, TrainConfig, contrastive_step, load_clip_teacher, param_groups,
+                               reduction_strength, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +83,33 @@ def test_loss_falls_on_demo_shards(micro_clip_name, small_demo, tmp_path):
     train(cfg)
     curve = list(losses(cfg.run_dir).values())
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.2
+
+
+def test_reduction_strength_is_evits_keep_rate_schedule():
+    """EViT's keep rate base + (1 - base)(cos(pi t) + 1) / 2 over the anneal is 1 - strength (1 - base)."""
+    def evit_keep_rate(progress, start, length, base=0.25):
+        if progress < start:
+            return 1.0
+        if progress >= start + length:
+            return base
+        return base + (1 - base) * (math.cos(math.pi * (progress - start) / length) + 1) / 2
+
+    for progress in (0.0, 0.05, 0.1, 0.2, 0.25, 0.37, 0.4, 0.9):
+        assert 1 - reduction_strength(progress, 0.1, 0.3) * 0.75 == pytest.approx(evit_keep_rate(progress, 0.1, 0.3))
+    assert reduction_strength(0.0, 0.0, 0.0) == 1.0  # no anneal: full reduction from the first step
+
+
+def test_anneal_takes_dtp_from_no_pooling_to_its_prior(micro_clip_name, micro_vit_clip_name, small_demo, tmp_path):
+    cfg = config(micro_clip_name, small_demo, tmp_path / "anneal", epochs=1, reduction_anneal=0.5)
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "anneal" / "metrics.jsonl").read_text().splitlines()]
+    ratio = [r["boundary_ratio"] for r in records if r["kind"] == "train"]
+    assert ratio[0] > 0.98 and max(ratio[6:]) < 0.4  # 12 steps: cosine over the first 6, then at the prior (0.25)
+    assert ratio[:6] == sorted(ratio[:6], reverse=True)
+    with pytest.raises(ValueError, match="has no token reduction to anneal; DTP-ViT"):
+        train(config(micro_vit_clip_name, small_demo, tmp_path / "plain", reduction_anneal=0.5))
+    with pytest.raises(ValueError, match=r"--reduction-anneal-start \(0.8\) \+ --reduction-anneal \(0.5\) must "):
+        config(micro_clip_name, small_demo, tmp_path / "bad", reduction_anneal=0.5, reduction_anneal_start=0.8)
 
 
 def run_contrastive_steps(tmp_path, processes: int) -> list:

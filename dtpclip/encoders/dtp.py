@@ -43,7 +43,12 @@ class BoundaryPredictor(nn.Module):
     'expected' is the default because it pools at the training rate even while p is unsure (README,
     Design decisions). The output bias starts at logit(prior), so an untrained model already pools
     at the target rate.
+    Annealed rate (`set_strength`, driven by TrainConfig.reduction_anneal): every logit is shifted by
+    logit(rate) - logit(prior) and the loss holds `rate`, so the schedule sets how many boundaries there
+    are while the predictor learns where they go; at strength 1 (the end of any schedule) rate = prior.
     """
+
+    MAX_RATE = 0.999  # the anneal's start: almost every patch closes its segment, with a finite logit
 
     EVAL_RULES = ("expected", "threshold", "sample")
 
@@ -58,6 +63,15 @@ class BoundaryPredictor(nn.Module):
             raise ValueError(f"eval_boundaries must be one of {self.EVAL_RULES}, got {eval_boundaries!r}")
         self.prior, self.temperature, self.threshold = prior, temperature, threshold
         self.eval_boundaries = eval_boundaries
+        self.rate, self.logit_offset = float(prior), 0.0  # floats: dynamo does not specialise on them
+
+    def set_strength(self, strength: float) -> None:
+        """Boundary rate prior + (1 - strength) (MAX_RATE - prior): strength 0 pools almost nothing, 1 at the prior."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"reduction strength must be in [0, 1], got {strength!r}")
+        rate = self.prior + (1.0 - strength) * (self.MAX_RATE - self.prior)
+        self.rate = rate
+        self.logit_offset = math.log(rate / (1.0 - rate)) - math.log(self.prior / (1.0 - self.prior))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, D] -> boundaries [B, L] in {0, 1}."""
@@ -65,7 +79,7 @@ class BoundaryPredictor(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, D] -> boundary logits [B, L] (fp32)."""
-        return self.mlp(x).squeeze(-1).float()
+        return self.mlp(x).squeeze(-1).float() + self.logit_offset
 
     def decide(self, logits: torch.Tensor) -> torch.Tensor:
         """Boundary logits -> boundaries by the training / eval rule above."""
@@ -81,10 +95,10 @@ class BoundaryPredictor(nn.Module):
         return (rank < keep).to(logits.dtype)
 
     def loss(self, boundaries: torch.Tensor) -> torch.Tensor:
-        """-log Binomial(L, prior)(number of boundaries) / L, averaged over images."""
+        """-log Binomial(L, rate)(number of boundaries) / L, averaged over images (rate = prior unless annealed)."""
         length = boundaries.shape[-1]
-        prior = torch.tensor(self.prior, device=boundaries.device, dtype=torch.float32)
-        binomial = Binomial(total_count=length, probs=prior, validate_args=False)
+        rate = torch.tensor(self.rate, device=boundaries.device, dtype=torch.float32)
+        binomial = Binomial(total_count=length, probs=rate, validate_args=False)
         return -binomial.log_prob(boundaries.float().sum(-1)).mean() / length
 
 
@@ -386,6 +400,14 @@ class DTPViT(PlainViT):
         boundaries = self.forward_pooled(images)[2].long()
         grid = tuple(self.patch_embed.grid_size)
         return segment_ids(boundaries).view(-1, *grid), boundaries.view(-1, *grid)
+
+    def set_reduction_strength(self, strength: float) -> None:
+        """How much of its pooling the encoder does, 0 (none) to 1 (at its prior): a training schedule's knob
+        (TrainConfig.reduction_anneal). Gumbel boundaries only: entropy boundaries fall at the spikes."""
+        if self.boundary_kind != "gumbel":
+            raise ValueError(f"DTP with {self.boundary_kind} boundaries has no boundary rate to anneal "
+                             "(boundaries fall at the entropy spikes); anneal needs boundary_predictor='gumbel'")
+        self.boundary_predictor.set_strength(strength)
 
     def settings(self) -> dict:
         if self.boundary_kind == "entropy":
