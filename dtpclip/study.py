@@ -45,8 +45,8 @@ FAMILIES = [
 # sample, forward (backward alike), visual + text tower, by fvcore on fresh Ti-16-64 CLIPs: plain 0.0254 GMACs,
 # DTP 4x 0.0169 (1.50x less), DTP 10x 0.0151 (1.68x less). A distillation teacher's forward is counted: with
 # the plain CLIP as teacher a DTP step costs about a plain step. "from ViT 3 epochs" counts those 3 epochs. While
-# annealed (boundary rate 1 -> 0.25 on a half cosine, mean 0.62: about 11 tokens) a DTP 4x step costs 0.82 of a
-# plain one, against 0.67 at its rate.
+# annealed (boundary rate 1 -> 0.25 on a half cosine, mean 0.62) a DTP 4x step costs 0.86 of a plain one (fvcore at
+# the mean rate), against 0.67 at its rate.
 DTP_RECIPES = [
     {"name": "ViT", "model": "PlainViT-Ti-16-64"},
     {"name": "DTP 4x", "model": "DTP-ViT-Ti-16-64-4x"},
@@ -57,7 +57,7 @@ DTP_RECIPES = [
     {"name": "DTP 4x from ViT 3 epochs + KD", "model": "DTP-ViT-Ti-16-64-4x", "pretrained": "run:ViT 3 epochs",
      "teacher": "run:ViT 3 epochs", "epochs": 3},
     {"name": "DTP 4x from ViT 3 epochs, annealed", "model": "DTP-ViT-Ti-16-64-4x", "pretrained": "run:ViT 3 epochs",
-     "reduction_anneal": 0.333, "epochs": 5, "samples_per_epoch": 16700},  # 4.2 demo epochs, a third at more tokens
+     "reduction_anneal": 0.333, "epochs": 5, "samples_per_epoch": 16400},  # 4.1 demo epochs, a third annealed
     {"name": "DTP 10x", "model": "DTP-ViT-Ti-16-64-10x"},
     {"name": "DTP 10x, same compute", "model": "DTP-ViT-Ti-16-64-10x", "epochs": 10},
     {"name": "DTP 10x from ViT 3 epochs", "model": "DTP-ViT-Ti-16-64-10x", "pretrained": "run:ViT 3 epochs",
