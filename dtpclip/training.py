@@ -281,14 +281,14 @@ def reduction_annealer(cfg: TrainConfig, encoder: nn.Module, total_steps: int):
     """step -> None, setting the encoder's reduction strength (no-op without --reduction-anneal)."""
     if not cfg.reduction_anneal:
         return lambda step: None
-    if not hasattr(encoder, "set_reduction_strength"):
-        raise ValueError(f"--reduction-anneal: {cfg.model}'s encoder ({type(encoder).__name__}) has no token "
-                         "reduction to anneal; DTP-ViT (gumbel boundaries) has")
 
     def anneal(step: int) -> None:
         encoder.set_reduction_strength(reduction_strength(step / total_steps, cfg.reduction_anneal_start,
                                                           cfg.reduction_anneal))
-    anneal(0)  # an encoder that cannot anneal (DTP with entropy boundaries) says so before any step
+    try:  # an encoder that cannot anneal says so before the first step
+        anneal(0)
+    except ValueError as e:
+        raise ValueError(f"--reduction-anneal with {cfg.model}: {e}") from e
     return anneal
 
 

@@ -60,6 +60,8 @@ class PlainViT(VisionTransformer):
       settings()                its efficiency knobs, for the registry and comparison tables
       has_aux_loss              `encode` returns a loss term training must add, which `forward` cannot return
                                 (in training it hands it to `collecting_aux_losses`, or warns that it is dropped)
+      set_reduction_strength(s) how much of its token reduction it does, 0 (none) to 1 (its target), for a
+                                training schedule (`--reduction-anneal`); by default there is none to anneal
     """
 
     fresh_parameter_prefixes: Tuple[str, ...] = ()
@@ -166,6 +168,9 @@ class PlainViT(VisionTransformer):
 
     def settings(self) -> dict:
         return {}
+
+    def set_reduction_strength(self, strength: float) -> None:
+        raise ValueError(f"{type(self).__name__} has no token reduction to anneal; DTP-ViT (gumbel boundaries) has")
 
 
 def find_vit(model: nn.Module, transform: str) -> VisionTransformer:
