@@ -89,6 +89,7 @@ ARGS = early_args(make_arg_parser, __name__)
 
 import dataclasses  # noqa: E402  (after the early parse, as every import below)
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -192,6 +193,16 @@ def train_entry(entry: dict, out: Path, seed: int) -> Path:
     return directory
 
 
+def left_chance_at(directory: Path, batch_size: int) -> Optional[int]:
+    """The first logged step whose contrastive loss is below ln(batch) - 0.1: where a run left the collapsed
+    start in which every image matches every caption alike (None: it never did)."""
+    for line in (directory / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "train" and record["contrastive_loss"] < math.log(batch_size) - 0.1:
+            return record["step"]
+    return None
+
+
 def score_entry(entry: dict, source: dict, out: Path, seed: int, eval_data: str, device: str) -> dict:
     """Zero-shot top-1 / top-5 and GMACs of one seed (a trained run, or the transform on `source`'s run)."""
     model = resolve_model(run_dir(out, source["name"], seed))
@@ -199,7 +210,9 @@ def score_entry(entry: dict, source: dict, out: Path, seed: int, eval_data: str,
     clip, _, preprocess = create_clip_and_transforms(name, str(model.weights), model.model_kwargs, device=device)
     tokenizer, eval_set = open_clip.get_tokenizer(name), load_eval_set(eval_data, preprocess)
     if "transform" not in entry:
-        return accuracy_point(clip, tokenizer, eval_set, entry["name"], TRAINED, device=device)
+        return {**accuracy_point(clip, tokenizer, eval_set, entry["name"], TRAINED, device=device),
+                "left_chance_at": left_chance_at(run_dir(out, entry["name"], seed),
+                                                 entry.get("batch_size", TrainConfig.batch_size))}
     calibration = calibration_batches([entry["transform"]], None, preprocess, device=device)
     return transform_sweep(clip, tokenizer, eval_set, [entry["transform"]], entry["name"], calibration, device)[0]
 
@@ -220,7 +233,8 @@ def time_entry(entry: dict, source: dict, out: Path, args) -> dict:
 def aggregate(entry: dict, points: List[dict], timing: dict) -> dict:
     top1 = [100 * p["top1"] for p in points]
     return {"name": entry["name"], "seeds": len(points), "top1_mean": statistics.mean(top1),
-            "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+            "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0, "top1_per_seed": top1,
+            "left_chance_at": [p["left_chance_at"] for p in points] if "left_chance_at" in points[0] else None,
             "gmacs": statistics.mean(p["gmacs"] for p in points),
             "tokens_out": statistics.mean(p["tokens_out"] for p in points) if "tokens_out" in points[0] else None,
             **timing}
@@ -228,12 +242,15 @@ def aggregate(entry: dict, points: List[dict], timing: dict) -> dict:
 
 def markdown(rows: List[dict], context: str) -> str:
     lines = [context, "", "| entry | GMACs / image | tokens out | inference ms / image | train step ms | "
-             "zero-shot top-1 % (mean ± std, seeds) |", "|---|---|---|---|---|---|"]
+             "zero-shot top-1 % (mean ± std, seeds) | per seed | left ln(batch) at step |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tokens = "" if r["tokens_out"] is None else f"{r['tokens_out']:.1f}"
         train = "" if r["train_step_ms"] is None else f"{r['train_step_ms']:.0f}"
+        left = " / ".join("never" if s is None else str(s) for s in r["left_chance_at"] or [])
         lines.append(f"| {r['name']} | {r['gmacs']:.4f} | {tokens} | {r['infer_ms_per_image']:.2f} | {train} | "
-                     f"{r['top1_mean']:.1f} ± {r['top1_std']:.1f} ({r['seeds']}) |")
+                     f"{r['top1_mean']:.1f} ± {r['top1_std']:.1f} ({r['seeds']}) | "
+                     f"{' / '.join(f'{t:.1f}' for t in r['top1_per_seed'])} | {left} |")
     return "\n".join(lines) + "\n"
 
 

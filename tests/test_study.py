@@ -29,6 +29,8 @@ def test_study_trains_each_seed_scores_and_skips_finished_runs(micro_vit_clip_na
     vit = [100 * p["top1"] for p in result["runs"] if p["label"] == "vit"]
     assert rows["vit"]["top1_mean"] == pytest.approx(statistics.mean(vit))
     assert rows["vit"]["top1_std"] == pytest.approx(statistics.stdev(vit))
+    assert rows["vit"]["top1_per_seed"] == vit and len(rows["vit"]["left_chance_at"]) == 2
+    assert rows["vit tome"]["left_chance_at"] is None  # not trained
     assert rows["vit tome"]["gmacs"] < rows["vit"]["gmacs"] and rows["vit tome"]["train_step_ms"] is None
     assert rows["dtp from vit"]["train_step_ms"] > 0
     done = json.loads((tmp_path / "out" / "dtp_from_vit" / "seed1" / "study_done.json").read_text())
@@ -52,6 +54,15 @@ def test_study_trains_each_seed_scores_and_skips_finished_runs(micro_vit_clip_na
     spec.write_text(yaml.safe_dump(changed))
     with pytest.raises(ValueError, match=r"vit/seed0 holds a finished run .* other settings \(lr\)"):
         study.main(argv + ["--only", "vit"])  # another study of the same name reuses no run it did not train
+
+
+def test_left_chance_at_is_the_first_step_below_ln_batch(tmp_path):
+    losses = {10: 4.2, 20: 4.159, 30: 4.0, 40: 3.5}
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "step": step, "contrastive_loss": loss}) + "\n" for step, loss in losses.items())
+        + json.dumps({"kind": "eval", "step": 40, "top1": 0.5}) + "\n")
+    assert study.left_chance_at(tmp_path, 64) == 30  # ln 64 = 4.159: the collapsed start
+    assert study.left_chance_at(tmp_path, 16) is None  # never below ln 16 - 0.1
 
 
 @pytest.mark.parametrize("entries, message", [
