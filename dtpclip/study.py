@@ -11,8 +11,9 @@ A study is a list of entries (a built-in name or a YAML / JSON file of the same 
 Finished runs are kept (a `study_done.json` beside each, with the entry's settings), so a killed study goes on
 where it stopped, and a run cut short resumes from its last checkpoint. Studies share one directory of runs
 by default: an entry of the same name and settings in another study (the plain ViT, DTP 4x) is trained once;
-one of the same name and other settings is refused, never reused. Each run is then scored on the eval set: zero-shot top-1
-(mean and sample standard deviation over seeds), GMACs per image of the visual tower (counted on eval
+one of the same name and other settings is refused, never reused. Each run is then scored on the eval set:
+zero-shot top-1 (mean and sample standard deviation over seeds, and per seed), the step where its loss left the
+collapsed start (`left_chance_at`), GMACs per image of the visual tower (counted on eval
 images, DTP on its actual tokens), and, on seed 0's weights, the visual tower's measured inference time per
 image and its forward + backward step (trained entries), timed one entry after another in this process.
 Outputs in OUT, named after the study: NAME.json (every run and the aggregates), NAME.md (the table), NAME.png
