@@ -19,7 +19,8 @@ class TrainConfig:
     model: str = _f("DTP-ViT-Ti-16-64-4x", "open_clip model name (ours: PlainViT-*, DTP-ViT-*)")
     model_kwargs: dict = _f({}, "encoder constructor kwargs, e.g. compression=0.2 pre_layers=3 (saved in the "
                                 "checkpoint's config)", kwargs=True)
-    pretrained: Optional[str] = _f(None, "initialise from an open_clip CLIP checkpoint on disk")
+    pretrained: Optional[str] = _f(None, "initialise from an open_clip CLIP checkpoint on disk (file, checkpoint "
+                                         "dir or run dir)")
     train_data: Optional[str] = _f(None, "webdataset shard spec; default: the built-in demo shards")
     eval_data: Optional[str] = _f(None, "zero-shot eval set at each epoch end; default with the demo: its eval set")
     samples_per_epoch: Optional[int] = _f(None, "samples an epoch (default: counted from the shards)", min=1)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from dtpclip import checkpointing
+from dtpclip.checkpoint import resolve_checkpoint
 from dtpclip.clip import create_clip_and_transforms, encode_image
 from dtpclip.data import make_train_loader
 from dtpclip.evaluate import resolve_model
@@ -131,7 +132,8 @@ def train(cfg: TrainConfig) -> dict:
     cfg = _demo_defaults(cfg)  # generation holds a file lock: other ranks wait, then reuse it
     set_seed(cfg.seed)
     run_dir = _run_dir(cfg)
-    clip, preprocess_train, preprocess_val = create_clip_and_transforms(cfg.model, cfg.pretrained, cfg.model_kwargs)
+    pretrained = str(resolve_checkpoint(cfg.pretrained)[0]) if cfg.pretrained else None  # a run dir as --teacher
+    clip, preprocess_train, preprocess_val = create_clip_and_transforms(cfg.model, pretrained, cfg.model_kwargs)
     if cfg.lock_image:
         clip.lock_image_tower()
     if cfg.lock_text:

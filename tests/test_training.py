@@ -85,6 +85,16 @@ def test_loss_falls_on_demo_shards(micro_clip_name, small_demo, tmp_path):
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.2
 
 
+def test_pretrained_may_be_a_run_directory(micro_vit_clip_name, micro_clip_name, small_demo, tmp_path):
+    train(config(micro_vit_clip_name, small_demo, tmp_path / "vit", epochs=1, max_steps=3))
+    weights = resolve_checkpoint(tmp_path / "vit")[0]
+    first = {}
+    for form, pretrained in (("file", weights), ("run", tmp_path / "vit")):
+        train(config(micro_clip_name, small_demo, tmp_path / form, epochs=1, max_steps=2, pretrained=str(pretrained)))
+        first[form] = losses(tmp_path / form)
+    assert first["run"] == first["file"] and len(first["run"]) == 2
+
+
 def test_reduction_strength_is_evits_keep_rate_schedule():
     """EViT's keep rate base + (1 - base)(cos(pi t) + 1) / 2 over the anneal is 1 - strength (1 - base)."""
     def evit_keep_rate(progress, start, length, base=0.25):
