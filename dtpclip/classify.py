@@ -99,6 +99,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from tqdm import tqdm
 
+from dtpclip.encoders.output import EncoderOutput
 from dtpclip.encoders.quant import quant_config, quantize_model
 from dtpclip.evalsets import load_eval_set
 from dtpclip.checkpoint import write_json
@@ -132,16 +133,21 @@ def build_classifier(model: str, num_classes: int, mode: str = "linear", checkpo
 
 def logits_of(encoder: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(logits [B, K], the encoder's aux loss) through the encoder contract and timm's head."""
+    logits, out = logits_and_output(encoder, images)
+    return logits, out.aux_loss
+
+
+def logits_and_output(encoder: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, EncoderOutput]:
     out = encoder.encode(images)
-    return encoder.get_classifier()(out.pooled), out.aux_loss
+    return encoder.get_classifier()(out.pooled), out
 
 
 def distilled_logits(encoder: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                      distiller: Distiller) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
     """`logits_of` plus the named distillation terms against the distiller's teacher."""
     with distiller.capture(encoder) as features:
-        logits, aux = logits_of(encoder, images)
-    return logits, aux, distiller(images, logits, targets, features)
+        logits, out = logits_and_output(encoder, images)
+    return logits, out.aux_loss, distiller(images, logits, targets, features, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +333,8 @@ def build_distiller(args, num_classes: int, encoder: nn.Module) -> Optional[Dist
         raise ValueError(f"the teacher takes {teacher.pretrained_cfg.get('input_size')} images, the student "
                          f"{encoder.pretrained_cfg.get('input_size')}; expected the same input size")
     return Distiller(teacher, args.distill, args.distill_weight, args.dkd_alpha, args.dkd_beta, args.kd_temperature,
-                     args.feature_distill, args.feature_distill_weight, args.feature_distill_layers)
+                     args.feature_distill, args.feature_distill_weight, args.feature_distill_layers,
+                     getattr(encoder, "token_distill_loss", None))
 
 
 def data_dir(path: Optional[str], flag: str) -> Path:

@@ -7,12 +7,13 @@ embedding KD chains), over every block's output, the last embedding only (the st
 two features per block (after attention and after the MLP, our reading of VQ-ViT's two per block).
 """
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dtpclip.encoders.output import EncoderOutput
 from dtpclip.specs import FEATURE_LAYERS, FEATURE_LOSSES, LOGIT_LOSSES
 
 
@@ -25,17 +26,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def clip_distill_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                      teacher: nn.Module, images: torch.Tensor, texts: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
+                      teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """CLIP KD: logit KD on the in-batch image->text and text->image similarities of a frozen teacher CLIP.
 
-    The student's features are normalised; the teacher's logits use its own towers and logit scale.
-    Both directions averaged (as the symmetric CLIP loss); the batch is this process's.
+    The student's features are normalised; `teacher_logits` [B, B] are the teacher's image->text logits of the
+    same batch (its own towers and logit scale). Both directions averaged (as the symmetric CLIP loss); the
+    batch is this process's.
     """
-    with torch.no_grad():
-        teacher_image = F.normalize(teacher.encode_image(images), dim=-1)
-        teacher_text = F.normalize(teacher.encode_text(texts), dim=-1)
-        teacher_logits = teacher.logit_scale.exp() * teacher_image @ teacher_text.T
     student_logits = logit_scale * image_features @ text_features.T
     return (kd_loss(student_logits, teacher_logits, temperature)
             + kd_loss(student_logits.T, teacher_logits.T, temperature)) / 2
@@ -158,13 +155,17 @@ class Distiller(nn.Module):
 
     logit: 'logit' (KD) or 'dkd' (alpha, beta), at `temperature`, weighted by `weight`; None: off.
     feature: 'cos' or 'mse' over the `feature_layers` features (`block_outputs`), weighted by `feature_weight`.
-    `teacher_logits(images)` is `teacher(images)`; a teacher whose forward is not its classifier
+    token_loss: the student encoder's `token_distill_loss(out, teacher_tokens)` (DynamicViT's), added as
+    'token_loss' when the student's encoder output is passed; the teacher is then run through the encoder
+    contract (`encode` and its classifier) to give its tokens too.
+    The teacher's logits are `teacher(images)`; a teacher whose forward is not its classifier
     (a CLIP tower) can be wrapped in a module that returns the logits to distil.
     """
 
     def __init__(self, teacher: nn.Module, logit: Optional[str] = "dkd", weight: float = 1.0, alpha: float = 1.0,
                  beta: float = 8.0, temperature: float = 4.0, feature: Optional[str] = None,
-                 feature_weight: float = 1.0, feature_layers: str = "blocks"):
+                 feature_weight: float = 1.0, feature_layers: str = "blocks",
+                 token_loss: Optional[Callable[[EncoderOutput, torch.Tensor], torch.Tensor]] = None):
         super().__init__()
         if logit not in (None, *LOGIT_LOSSES):
             raise ValueError(f"unknown logit distillation {logit!r}: expected one of {', '.join(LOGIT_LOSSES)}")
@@ -177,6 +178,7 @@ class Distiller(nn.Module):
         if feature_layers not in FEATURE_LAYERS:
             raise ValueError(f"unknown feature layers {feature_layers!r}: expected one of {', '.join(FEATURE_LAYERS)}")
         self.feature, self.feature_weight, self.feature_layers = feature, feature_weight, feature_layers
+        self.token_loss = token_loss
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -193,15 +195,20 @@ class Distiller(nn.Module):
                 yield outputs
 
     @torch.no_grad()
-    def teacher_outputs(self, images: torch.Tensor) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
+    def teacher_outputs(self, images: torch.Tensor
+                        ) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]], Optional[torch.Tensor]]:
+        """(logits, block features when a feature loss is on, final tokens when a token loss is)."""
         with self.capture(self.teacher) as features:
-            logits = self.teacher(images)
-        return logits, features
+            if self.token_loss is None:
+                return self.teacher(images), features, None
+            out = self.teacher.encode(images)
+            return self.teacher.get_classifier()(out.pooled), features, out.tokens
 
     def forward(self, images: torch.Tensor, student_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
-                student_features: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-        """Named, weighted loss terms: 'kd_loss' or 'dkd_loss', and 'feature_loss' when configured."""
-        teacher_logits, teacher_features = self.teacher_outputs(images)
+                student_features: Optional[Sequence[torch.Tensor]] = None,
+                student_out: Optional[EncoderOutput] = None) -> Dict[str, torch.Tensor]:
+        """Named, weighted loss terms: 'kd_loss' or 'dkd_loss', 'feature_loss' and 'token_loss' when configured."""
+        teacher_logits, teacher_features, teacher_tokens = self.teacher_outputs(images)
         terms = {}
         if self.logit == "logit":
             terms["kd_loss"] = self.weight * kd_loss(student_logits, teacher_logits, self.temperature)
@@ -215,4 +222,8 @@ class Distiller(nn.Module):
                 raise ValueError("feature distillation needs the student's block outputs (Distiller.capture)")
             feature_fn = cosine_feature_loss if self.feature == "cos" else mse_feature_loss
             terms["feature_loss"] = self.feature_weight * feature_fn(student_features, teacher_features)
+        if self.token_loss is not None:
+            if student_out is None:
+                raise ValueError("token distillation needs the student's encoder output (student_out)")
+            terms["token_loss"] = self.token_loss(student_out, teacher_tokens)
         return terms

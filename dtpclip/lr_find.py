@@ -182,7 +182,7 @@ def clip_setup(args):
     contrastive = open_clip.ClipLoss()
 
     def loss(outputs, _):
-        image_features, text_features, logit_scale, aux_loss, _ = outputs
+        image_features, text_features, logit_scale, aux_loss, _, _ = outputs
         return contrastive(image_features, text_features, logit_scale) + aux_loss
 
     return ContrastiveModel(clip), loss, batches, lambda batch: (tuple(batch), None)

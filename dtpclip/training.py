@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import open_clip
 import torch
@@ -56,6 +57,16 @@ def load_clip_teacher(path: str, context_length: int, device) -> nn.Module:
     return teacher.to(device).eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def teacher_view(teacher: nn.Module, images: torch.Tensor, texts: torch.Tensor, with_tokens: bool):
+    """A frozen teacher CLIP's in-batch image->text logits [B, B] (its own logit scale) and, `with_tokens`, its
+    visual tower's final tokens (for an encoder's `token_distill_loss`), from one forward of each tower."""
+    image, out = encode_image(teacher, images) if with_tokens else (teacher.encode_image(images), None)
+    text = teacher.encode_text(texts)
+    logits = teacher.logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    return logits, None if out is None else out.tokens
+
+
 class ContrastiveModel(nn.Module):
     """The CLIP with one forward returning what the loss needs, so DDP wraps a single forward."""
 
@@ -63,11 +74,15 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.clip = clip
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor):
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, teacher_tokens: Optional[torch.Tensor] = None):
+        """(image features, text features, logit scale, aux loss, stats, token distillation loss): the last is the
+        encoder's `token_distill_loss` against `teacher_tokens` where both exist, else 0."""
         image_features, out = encode_image(self.clip, images)
         text_features = self.clip.encode_text(texts)
+        token_loss = (self.clip.visual.trunk.token_distill_loss(out, teacher_tokens) if teacher_tokens is not None
+                      else out.aux_loss.new_zeros(()))
         return (F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
-                self.clip.logit_scale.exp(), out.aux_loss, out.stats)
+                self.clip.logit_scale.exp(), out.aux_loss, out.stats, token_loss)
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -299,13 +314,19 @@ def contrastive_step(model, loss_fn, images, texts, cfg: TrainConfig, accelerato
 
     Returns the loss terms by name (unweighted) and the encoder's stats.
     """
-    image_features, text_features, logit_scale, aux_loss, stats = model(images, texts)
+    with_tokens = teacher is not None and hasattr(accelerator.unwrap_model(model).clip.visual.trunk,
+                                                  "token_distill_loss")
+    teacher_logits, teacher_tokens = teacher_view(teacher, images, texts, with_tokens) if teacher else (None, None)
+    image_features, text_features, logit_scale, aux_loss, stats, token_loss = model(images, texts, teacher_tokens)
     terms = {"contrastive_loss": loss_fn(image_features, text_features, logit_scale), "aux_loss": aux_loss}
     total = terms["contrastive_loss"] + cfg.aux_loss_weight * aux_loss
     if teacher is not None:
-        terms["distill_loss"] = clip_distill_loss(image_features, text_features, logit_scale, teacher, images, texts,
+        terms["distill_loss"] = clip_distill_loss(image_features, text_features, logit_scale, teacher_logits,
                                                   cfg.distill_temperature)
         total = total + cfg.distill_weight * terms["distill_loss"]
+    if with_tokens:  # weighted by the method, as its aux_loss
+        terms["token_distill_loss"] = token_loss
+        total = total + token_loss
     accelerator.backward(total)
     if accelerator.sync_gradients and cfg.grad_clip:
         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)

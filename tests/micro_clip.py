@@ -5,6 +5,7 @@ import sys
 
 import dtpclip
 from dtpclip.encoders.dtp import DTPViT
+from dtpclip.encoders.dynamic_vit import DynamicViT
 from dtpclip.encoders.vit import PlainViT
 from dtpclip.registry import SIZES
 
@@ -14,8 +15,8 @@ MICRO = dtpclip.Size(
 
 
 def register_micro_clip(family: str = "dtp") -> str:
-    """Register the micro encoder of `family` ('dtp' or 'vit') and its CLIP; returns the CLIP's name."""
-    model_cls = {"dtp": DTPViT, "vit": PlainViT}[family]
+    """Register the micro encoder of `family` ('dtp', 'vit' or 'dynamic') and its CLIP; returns the CLIP's name."""
+    model_cls = {"dtp": DTPViT, "vit": PlainViT, "dynamic": DynamicViT}[family]
     info, = dtpclip.register_family(family, model_cls, f"{family}_vit_{{size}}", f"{family.upper()}-Micro-test",
                                     sizes=[MICRO])
     return info.clip_name

@@ -56,6 +56,21 @@ def test_logit_kd_against_the_student_itself_is_zero():
     assert history[0]["distill_loss"] < 1e-6  # lr 0 and dropout off: the student stays its teacher's twin
 
 
+def test_a_dynamicvit_student_gets_its_token_distillation_term(teacher_dir):
+    """classify's Distiller adds the student encoder's own token loss on the teacher's final tokens."""
+    torch.manual_seed(0)
+    student = build_classifier("dynamicvit_tiny_patch8_64_rho05", 3, "scratch").train()
+    teacher = load_teacher("plain_vit_tiny_patch8_64", teacher_dir, 3)
+    images = coloured_images(2, seed=0).tensors[0][:4]
+    distiller = Distiller(teacher, "logit", token_loss=student.token_distill_loss)
+    torch.manual_seed(1)
+    logits, _, terms = classify.distilled_logits(student, images, None, distiller)
+    torch.manual_seed(1)  # the same Gumbel keep decisions
+    expected = student.token_distill_loss(student.encode(images), teacher.encode(images).tokens)
+    assert set(terms) == {"kd_loss", "token_loss"} and torch.allclose(terms["token_loss"], expected)
+    assert terms["token_loss"] > 0
+
+
 def test_distillation_errors_name_the_problem(teacher_dir, folder):
     base = ["--train-data", str(folder), "--val-data", str(folder), "--epochs", "1", "--workers", "0"]
     scratch = ["--model", "plain_vit_tiny_patch8_64", "--mode", "scratch", *base]

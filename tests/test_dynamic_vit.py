@@ -1,5 +1,5 @@
-"""DynamicViT: rho = 1 is the plain ViT, the reference's policy softmax and ratio loss, top-k inference,
-and the task loss's gradient reaching the keep decisions through attention."""
+"""DynamicViT: rho = 1 is the plain ViT, the reference's policy softmax, ratio loss and token distillation,
+top-k inference, and the task loss's gradient reaching the keep decisions through attention."""
 import pytest
 import torch
 
@@ -59,6 +59,24 @@ def test_the_task_loss_alone_trains_the_predictors_through_attention(images):
     for stage in range(3):
         grad = model.score_predictor[stage].in_conv[1].weight.grad
         assert grad is not None and grad.abs().sum() > 0, stage
+
+
+def test_token_distillation_is_the_references_mse_on_the_kept_patches(images):
+    torch.manual_seed(0)
+    model = tiny("dynamicvit_tiny_patch8_64_rho05").train()
+    out = model.encode(images)
+    teacher = torch.randn_like(out.tokens)
+    # the reference (losses.py, mse_token): rows of [B * N, C] patch tokens selected by the final decision
+    decision = out.token_mask[:, 1:].reshape(-1)
+    student_rows, teacher_rows = out.tokens[:, 1:].reshape(-1, 32), teacher[:, 1:].reshape(-1, 32)
+    expected = 0.5 * (student_rows[decision] - teacher_rows[decision]).pow(2).mean()
+    loss = model.token_distill_loss(out, teacher)
+    assert 0 < decision.sum() < decision.numel() and torch.allclose(loss, expected)
+    loss.backward()
+    assert model.blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0
+    assert model.token_distill_loss(out, out.tokens.detach()) == 0
+    with pytest.raises(ValueError, match=r"teacher's tokens in the student's slots: expected \(3, 65, 32\)"):
+        model.token_distill_loss(out, teacher[:, :17])
 
 
 def test_bad_settings_are_refused():

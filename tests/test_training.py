@@ -159,6 +159,27 @@ def test_distilling_from_a_clip_teacher(micro_vit_clip_name, small_demo, tmp_pat
     assert len(distill) == 6 and distill[-1] < distill[0]
 
 
+def test_a_dynamicvit_student_adds_its_token_distillation_against_the_teachers_tokens(micro_vit_clip_name):
+    """With a teacher, the step adds the encoder's own `token_distill_loss` on the teacher CLIP's visual tokens;
+    an encoder without one (the plain ViT) gets no such term."""
+    from micro_clip import register_micro_clip
+    from dtpclip.clip import encode_image
+    torch.manual_seed(0)
+    student, teacher = open_clip.create_model(register_micro_clip("dynamic")), open_clip.create_model(micro_vit_clip_name)
+    images, texts = torch.randn(4, 3, 64, 64), torch.randint(1, 49000, (4, 24))
+    cfg = TrainConfig(model="micro", teacher="given")
+    torch.manual_seed(1)
+    terms, _ = contrastive_step(ContrastiveModel(student), open_clip.ClipLoss(), images, texts, cfg, Accelerator(),
+                                teacher.eval())
+    torch.manual_seed(1)  # the same Gumbel keep decisions
+    expected = student.visual.trunk.token_distill_loss(encode_image(student, images)[1],
+                                                       encode_image(teacher, images)[1].tokens)
+    assert terms["token_distill_loss"] > 0 and torch.allclose(terms["token_distill_loss"], expected)
+    plain, _ = contrastive_step(ContrastiveModel(teacher), open_clip.ClipLoss(), images, texts, cfg, Accelerator(),
+                                teacher)
+    assert "token_distill_loss" not in plain and abs(plain["distill_loss"].item()) < 1e-6
+
+
 def test_teacher_with_another_tokenization_is_refused(micro_vit_clip_name, small_demo, tmp_path):
     train(config(micro_vit_clip_name, small_demo, tmp_path / "teacher", epochs=1, max_steps=1))
     with pytest.raises(ValueError, match="reads 24 text tokens, the student 77"):

@@ -15,8 +15,13 @@ Rao et al. 2021, "DynamicViT: Efficient Vision Transformers with Dynamic Token S
   gathers them, so every image of a batch keeps the same count and later blocks cost what the kept
   tokens cost.
 - `aux_loss` is the ratio loss, ratio_weight * sum_s mean_b (kept fraction_b,s - rho^s)^2 / stages
-  (ratio_weight 2, as the reference). Its distillation terms (teacher logits and kept-token KL) are
-  not carried here: the pipelines' own distillation (`--teacher`) applies instead.
+  (ratio_weight 2, as the reference).
+- Distillation, where a pipeline is given a teacher: the teacher-logit term is the pipeline's own (CLIP's
+  similarity KD, classify's KD / DKD); `token_distill_loss` is the reference's token term for its DeiT
+  models (`mse_token=True`): the mean squared error between the student's and the teacher's final-norm patch
+  tokens at the patches kept to the end, weighted by token_distill_weight (0.5, its distill_weight). The
+  rows are selected by the detached decision, as the reference's; the decisions learn from it through
+  attention only.
 
 The blocks are the plain ViT's, so plain ViT and CLIP weights load unchanged; only the predictors are
 new. With rho = 1 every token is kept and the outputs equal the plain ViT's.
@@ -71,14 +76,15 @@ class KeepPolicy:
 class DynamicViT(PlainViT):
     """keep_rate: rho, the fraction kept at each stage (rho, rho^2, rho^3 of the patches); pruning_loc: the
     blocks each stage's predictor runs before (None: 1/4, 1/2, 3/4 of the depth); ratio_weight: the ratio
-    loss's weight inside `aux_loss`."""
+    loss's weight inside `aux_loss`; token_distill_weight: the weight of `token_distill_loss`."""
 
     fresh_parameter_prefixes = ("score_predictor.",)
     has_aux_loss = True  # the ratio loss
     mergeable = False  # it prunes its own tokens
     quantizable = False  # training attention is the policy softmax, which the attention quantizers do not see
 
-    def __init__(self, keep_rate: float = 0.7, pruning_loc=None, ratio_weight: float = 2.0, **kwargs):
+    def __init__(self, keep_rate: float = 0.7, pruning_loc=None, ratio_weight: float = 2.0,
+                 token_distill_weight: float = 0.5, **kwargs):
         super().__init__(**kwargs)
         depth = len(self.blocks)
         if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or not 0.0 < keep_rate <= 1.0:
@@ -87,7 +93,7 @@ class DynamicViT(PlainViT):
         if list(self.pruning_loc) != sorted(set(self.pruning_loc)) or not 0 < self.pruning_loc[0] <= depth - 1 \
                 or self.pruning_loc[-1] > depth - 1:
             raise ValueError(f"pruning_loc must be increasing block indices in [1, {depth - 1}], got {pruning_loc}")
-        self.keep_rate, self.ratio_weight = float(keep_rate), ratio_weight
+        self.keep_rate, self.ratio_weight, self.token_distill_weight = float(keep_rate), ratio_weight, token_distill_weight
         self.keep_ratios = [self.keep_rate ** (stage + 1) for stage in range(len(self.pruning_loc))]
         self.score_predictor = nn.ModuleList(PredictorLG(self.embed_dim) for _ in self.pruning_loc)
         for block in self.blocks[self.pruning_loc[0]:]:  # they read a KeepPolicy as their mask in training
@@ -122,8 +128,8 @@ class DynamicViT(PlainViT):
         tokens = self.norm(x)
         if policy is None:
             return tokens, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), decisions, alive
-        # dropped tokens are zeros, as the contract's padding (the policy's gradient kept)
-        return tokens * policy.policy[..., None].to(tokens.dtype), policy.policy > 0.5, decisions, alive
+        kept = policy.policy.detach() > 0.5  # the decisions learn through attention only, as the reference's
+        return tokens * kept[..., None].to(tokens.dtype), kept, decisions, alive  # dropped: the contract's zeros
 
     def forward_features(self, images: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
@@ -154,6 +160,21 @@ class DynamicViT(PlainViT):
         return EncoderOutput(tokens, mask, pooled, aux, {
             "keep_ratio": ((kept - self.num_prefix_tokens) / self.patch_embed.num_patches).detach(),
             "tokens_per_image": kept.detach()})
+
+    def token_distill_loss(self, out: EncoderOutput, teacher_tokens: torch.Tensor) -> torch.Tensor:
+        """The reference's token distillation (DeiT: MSE) of this training forward's `out` against a teacher's
+        final-norm tokens [B, N, D] of the same images, over the patches kept to the end, times
+        token_distill_weight; 0 when none is kept."""
+        if teacher_tokens.shape != out.tokens.shape:
+            raise ValueError(f"token distillation needs the teacher's tokens in the student's slots: expected "
+                             f"{tuple(out.tokens.shape)} (a plain ViT teacher of the same patch grid and width, "
+                             f"the student in training), got {tuple(teacher_tokens.shape)}")
+        prefix = self.num_prefix_tokens
+        kept = out.token_mask[:, prefix:]
+        if not kept.any():
+            return out.tokens.new_zeros(())
+        error = out.tokens[:, prefix:][kept].float() - teacher_tokens[:, prefix:][kept].float()
+        return self.token_distill_weight * error.square().mean()
 
     @torch.no_grad()
     def token_groups(self, images: torch.Tensor):
