@@ -17,7 +17,8 @@ collapsed start (`left_chance_at`), GMACs per image of the visual tower (counted
 images, DTP on its actual tokens), and, on seed 0's weights, the visual tower's measured inference time per
 image and its forward + backward step (trained entries), timed one entry after another in this process.
 Outputs in OUT, named after the study: NAME.json (every run and the aggregates), NAME.md (the table), NAME.png
-(top-1 against GMACs and against inference time, error bars over seeds).
+(top-1 against GMACs and against inference time, error bars over seeds); with --only, NAME-only-ENTRY... instead,
+so a partial run leaves the whole study's table as it was.
 
     python -m dtpclip.study                                  # the families study on the demo, 3 seeds
     python -m dtpclip.study --study recipes.yaml --seeds 0 1 2 --out runs/recipes
@@ -298,7 +299,9 @@ def main(argv=None, args=None) -> Dict[str, object]:
         print(markdown(rows[-1:], "").splitlines()[-1], flush=True)
     context = (f"Study {study_name!r}: seeds {args.seeds}, zero-shot on {eval_data}, timed on {args.device} "
                f"(batch {args.batch_size}, median of {args.repeats})")
-    outputs = [out / f"{study_name}.{kind}" for kind in ("md", "json", "png")]
+    # a partial run must not replace the whole study's table
+    stem = study_name if args.only is None else "-".join([study_name, "only", *map(slug, args.only)])
+    outputs = [out / f"{stem}.{kind}" for kind in ("md", "json", "png")]
     outputs[0].write_text(markdown(rows, context))
     outputs[1].write_text(json.dumps({"context": context, "rows": rows, "runs": runs}, indent=2) + "\n")
     plot(rows, outputs[2], context)

@@ -44,6 +44,8 @@ def test_study_trains_each_seed_scores_and_skips_finished_runs(micro_vit_clip_na
     monkeypatch.setattr("dtpclip.training.train", no_training)
     again = study.main(argv + ["--only", "vit tome"])  # builds on vit, whose runs are done
     assert [r["name"] for r in again["rows"]] == ["vit", "vit tome"]
+    assert (tmp_path / "out" / "s.md").read_text() == table  # a partial run writes s-only-vit_tome.* instead
+    assert "| vit tome |" in (tmp_path / "out" / "s-only-vit_tome.md").read_text()
     other = tmp_path / "other.yaml"  # another study with the same entry shares its runs
     other.write_text(yaml.safe_dump(yaml.safe_load(spec.read_text())[:1]))
     assert [r["name"] for r in study.main([*argv[2:], "--study", str(other)])["rows"]] == ["vit"]
