@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny
-from dtpclip.encoders.dynamic_vit import KeepPolicy
+from dtpclip.encoders.dynamic_vit import KeepPolicy, PredictorLG
 
 
 def test_keep_rate_one_equals_the_plain_vit_at_inference(images):
@@ -77,6 +77,17 @@ def test_token_distillation_is_the_references_mse_on_the_kept_patches(images):
     assert model.token_distill_loss(out, out.tokens.detach()) == 0
     with pytest.raises(ValueError, match=r"teacher's tokens in the student's slots: expected \(3, 65, 32\)"):
         model.token_distill_loss(out, teacher[:, :17])
+
+
+def test_an_image_with_every_patch_dropped_gets_finite_scores():
+    """The reference divides by the kept count, 0 for such an image: from scratch on the demo CLIP that
+    happened within 10 steps and every loss after was NaN."""
+    torch.manual_seed(0)
+    predictor, tokens = PredictorLG(32), torch.randn(2, 5, 32)
+    decision = torch.tensor([[1., 0., 1., 0., 0.], [0., 0., 0., 0., 0.]])[..., None]
+    scores = predictor(tokens, decision)
+    assert torch.isfinite(scores).all()
+    assert torch.equal(scores[:1], predictor(tokens[:1], decision[:1]))  # images with kept patches as before
 
 
 def test_bad_settings_are_refused():

@@ -51,7 +51,8 @@ class PredictorLG(nn.Module):
     def forward(self, x: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
         x = self.in_conv(x)
         local, shared = x.chunk(2, dim=-1)
-        shared = (shared * decision).sum(1, keepdim=True) / decision.sum(1, keepdim=True)
+        # clamped: an image whose every patch was dropped gets 0, not the reference's 0 / 0 = NaN
+        shared = (shared * decision).sum(1, keepdim=True) / decision.sum(1, keepdim=True).clamp_min(1.0)
         return self.out_conv(torch.cat([local, shared.expand_as(local)], dim=-1))
 
 
