@@ -42,7 +42,7 @@ def samples_per_second(name: str, shards: str, args) -> dict:
 
     def step(images, texts):
         with autocast(device, args.precision):
-            image_features, text_features, scale, aux_loss, _ = model(images.to(device), texts.to(device))
+            image_features, text_features, scale, aux_loss, _, _ = model(images.to(device), texts.to(device))
             loss = loss_fn(image_features, text_features, scale) + aux_loss
         loss.backward()
         optimizer.step()
