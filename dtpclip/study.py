@@ -238,7 +238,7 @@ def aggregate(entry: dict, points: List[dict], timing: dict) -> dict:
             "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0, "top1_per_seed": top1,
             "left_chance_at": [p["left_chance_at"] for p in points] if "left_chance_at" in points[0] else None,
             "gmacs": statistics.mean(p["gmacs"] for p in points),
-            "tokens_out": statistics.mean(p["tokens_out"] for p in points) if "tokens_out" in points[0] else None,
+            "tokens_out": statistics.mean(p["tokens_out"] for p in points),
             **timing}
 
 
@@ -247,10 +247,9 @@ def markdown(rows: List[dict], context: str) -> str:
              "zero-shot top-1 % (mean ± std, seeds) | per seed | left ln(batch) at step |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        tokens = "" if r["tokens_out"] is None else f"{r['tokens_out']:.1f}"
         train = "" if r["train_step_ms"] is None else f"{r['train_step_ms']:.0f}"
         left = " / ".join("never" if s is None else str(s) for s in r["left_chance_at"] or [])
-        lines.append(f"| {r['name']} | {r['gmacs']:.4f} | {tokens} | {r['infer_ms_per_image']:.2f} | {train} | "
+        lines.append(f"| {r['name']} | {r['gmacs']:.4f} | {r['tokens_out']:.1f} | {r['infer_ms_per_image']:.2f} | {train} | "
                      f"{r['top1_mean']:.1f} ± {r['top1_std']:.1f} ({r['seeds']}) | "
                      f"{' / '.join(f'{t:.1f}' for t in r['top1_per_seed'])} | {left} |")
     return "\n".join(lines) + "\n"

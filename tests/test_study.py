@@ -32,6 +32,7 @@ def test_study_trains_each_seed_scores_and_skips_finished_runs(micro_vit_clip_na
     assert rows["vit"]["top1_per_seed"] == vit and len(rows["vit"]["left_chance_at"]) == 2
     assert rows["vit tome"]["left_chance_at"] is None  # not trained
     assert rows["vit tome"]["gmacs"] < rows["vit"]["gmacs"] and rows["vit tome"]["train_step_ms"] is None
+    assert rows["vit"]["tokens_out"] == 65 and rows["vit tome"]["tokens_out"] < 65  # every entry: the token mask
     assert rows["dtp from vit"]["train_step_ms"] > 0
     done = json.loads((tmp_path / "out" / "dtp_from_vit" / "seed1" / "study_done.json").read_text())
     assert done["settings"]["pretrained"] == "run:vit"  # the same seed's, recorded as written
