@@ -14,8 +14,9 @@ by default: an entry of the same name and settings in another study (the plain V
 one of the same name and other settings is refused, never reused. Each run is then scored on the eval set:
 zero-shot top-1 (mean and sample standard deviation over seeds, and per seed), the step where its loss left the
 collapsed start (`left_chance_at`), GMACs per image of the visual tower (counted on eval
-images, DTP on its actual tokens), and, on seed 0's weights, the visual tower's measured inference time per
-image and its forward + backward step (trained entries), timed one entry after another in this process.
+images, DTP on its actual tokens), and, on the first seed's weights, the visual tower's measured inference time
+per image and its forward + backward step (trained entries), timed one entry after another in this process.
+With --score-only nothing trains: each entry is scored on the seeds whose runs are finished.
 Outputs in OUT, named after the study: NAME.json (every run and the aggregates), NAME.md (the table), NAME.png
 (top-1 against GMACs and against inference time, error bars over seeds); with --only, NAME-only-ENTRY... instead,
 so a partial run leaves the whole study's table as it was.
@@ -84,6 +85,9 @@ def make_arg_parser():
                         help="directory of the runs and the outputs (None: <runs root>/studies, shared by studies)")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
                         help="run and score only these entries (and the entries they build on)")
+    parser.add_argument("--score-only", action="store_true",
+                        help="train nothing: score each entry on the seeds whose runs are finished (the table counts "
+                             "them per row)")
     parser.add_argument("--eval-data", default=None, help="zero-shot eval set (None: the demo eval set)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per timed step")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
@@ -200,6 +204,12 @@ def train_entry(entry: dict, out: Path, seed: int) -> Path:
     return directory
 
 
+def finished_seeds(entry: dict, by_name: Dict[str, dict], out: Path, seeds: List[int]) -> List[int]:
+    """The seeds whose run of `entry` (of its source, for a transform) is finished."""
+    source = by_name[entry["of"]] if "transform" in entry else entry
+    return [seed for seed in seeds if (run_dir(out, source["name"], seed) / "study_done.json").exists()]
+
+
 def left_chance_at(directory: Path, batch_size: int) -> Optional[int]:
     """The first logged step whose contrastive loss is below ln(batch) - 0.1: where a run left the collapsed
     start in which every image matches every caption alike (None: it never did)."""
@@ -224,9 +234,9 @@ def score_entry(entry: dict, source: dict, out: Path, seed: int, eval_data: str,
     return transform_sweep(clip, tokenizer, eval_set, [entry["transform"]], entry["name"], calibration, device)[0]
 
 
-def time_entry(entry: dict, source: dict, out: Path, args) -> dict:
-    """Inference ms per image and (trained entries) train step ms of seed 0's visual tower."""
-    model = resolve_model(run_dir(out, source["name"], args.seeds[0]))
+def time_entry(entry: dict, source: dict, out: Path, args, seed: int) -> dict:
+    """Inference ms per image and (trained entries) train step ms of `seed`'s visual tower."""
+    model = resolve_model(run_dir(out, source["name"], seed))
     tower = build_visual_tower(registry_name(model.name), str(model.weights), **model.model_kwargs)
     if "transform" in entry:
         specs = [entry["transform"]]
@@ -254,8 +264,8 @@ def markdown(rows: List[dict], context: str) -> str:
     for r in rows:
         train = "" if r["train_step_ms"] is None else f"{r['train_step_ms']:.0f}"
         left = " / ".join("never" if s is None else str(s) for s in r["left_chance_at"] or [])
-        lines.append(f"| {r['name']} | {r['gmacs']:.4f} | {r['tokens_out']:.1f} | {r['infer_ms_per_image']:.2f} | {train} | "
-                     f"{r['top1_mean']:.1f} ± {r['top1_std']:.1f} ({r['seeds']}) | "
+        lines.append(f"| {r['name']} | {r['gmacs']:.4f} | {r['tokens_out']:.1f} | {r['infer_ms_per_image']:.2f} | "
+                     f"{train} | {r['top1_mean']:.1f} ± {r['top1_std']:.1f} ({r['seeds']}) | "
                      f"{' / '.join(f'{t:.1f}' for t in r['top1_per_seed'])} | {left} |")
     return "\n".join(lines) + "\n"
 
@@ -290,18 +300,23 @@ def main(argv=None, args=None) -> Dict[str, object]:
     eval_data = str(args.eval_data or demo_eval_dir())
     by_name = {e["name"]: e for e in entries}
     for entry in entries:
-        if "transform" not in entry:
+        if "transform" not in entry and not args.score_only:
             for seed in args.seeds:
                 train_entry(entry, out, seed)
     runs, rows = [], []
     for entry in entries:
         source = by_name[entry["of"]] if "transform" in entry else entry
+        seeds = finished_seeds(entry, by_name, out, args.seeds)
+        if not seeds:
+            print(f"{entry['name']}: no finished run of seeds {args.seeds}, left out", flush=True)
+            continue
         points = [{**score_entry(entry, source, out, seed, eval_data, args.device), "seed": seed}
-                  for seed in args.seeds]
+                  for seed in seeds]
         runs += points
-        rows.append(aggregate(entry, points, time_entry(entry, source, out, args)))
+        rows.append(aggregate(entry, points, time_entry(entry, source, out, args, seeds[0])))
         print(markdown(rows[-1:], "").splitlines()[-1], flush=True)
-    context = (f"Study {study_name!r}: seeds {args.seeds}, zero-shot on {eval_data}, timed on {args.device} "
+    finished = " (finished runs only)" if args.score_only else ""
+    context = (f"Study {study_name!r}: seeds {args.seeds}{finished}, zero-shot on {eval_data}, timed on {args.device} "
                f"(batch {args.batch_size}, median of {args.repeats})")
     # a partial run must not replace the whole study's table
     stem = study_name if args.only is None else "-".join([study_name, "only", *map(slug, args.only)])

@@ -47,6 +47,10 @@ def test_study_trains_each_seed_scores_and_skips_finished_runs(micro_vit_clip_na
     assert [r["name"] for r in again["rows"]] == ["vit", "vit tome"]
     assert (tmp_path / "out" / "s.md").read_text() == table  # a partial run writes s-only-vit_tome.* instead
     assert "| vit tome |" in (tmp_path / "out" / "s-only-vit_tome.md").read_text()
+    (tmp_path / "out" / "dtp_from_vit" / "seed1" / "study_done.json").unlink()  # as if seed 1 were cut short
+    scored = {r["name"]: r for r in study.main(argv + ["--seeds", "0", "1", "2", "--score-only"])["rows"]}
+    assert scored["vit"]["seeds"] == 2 and scored["dtp from vit"]["seeds"] == 1  # finished runs only, none trained
+    assert scored["dtp from vit"]["top1_per_seed"] == rows["dtp from vit"]["top1_per_seed"][:1]
     other = tmp_path / "other.yaml"  # another study with the same entry shares its runs
     other.write_text(yaml.safe_dump(yaml.safe_load(spec.read_text())[:1]))
     assert [r["name"] for r in study.main([*argv[2:], "--study", str(other)])["rows"]] == ["vit"]
