@@ -18,8 +18,8 @@ images, DTP on its actual tokens), and, on the first seed's weights, the visual 
 per image and its forward + backward step (trained entries), timed one entry after another in this process.
 With --score-only nothing trains: each entry is scored on the seeds whose runs are finished.
 Outputs in OUT, named after the study: NAME.json (every run and the aggregates), NAME.md (the table), NAME.png
-(top-1 against GMACs and against inference time, error bars over seeds); with --only, NAME-only-ENTRY... instead,
-so a partial run leaves the whole study's table as it was.
+(top-1 against GMACs, inference time and train step time, error bars over seeds); with --only,
+NAME-only-ENTRY... instead, so a partial run leaves the whole study's table as it was.
 
     python -m dtpclip.study                                  # the families study on the demo, 3 seeds
     python -m dtpclip.study --study recipes.yaml --seeds 0 1 2 --out runs/recipes
@@ -275,11 +275,15 @@ def plot(rows: List[dict], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharey=True)
+    colours, markers = plt.get_cmap("tab20").colors, "os^Dv<>P"  # one (colour, marker) pair per entry
     for ax, key, label in ((axes[0], "gmacs", "GMACs per image (visual tower)"),
-                           (axes[1], "infer_ms_per_image", "inference ms per image (measured)")):
-        for r in rows:
-            ax.errorbar(r[key], r["top1_mean"], yerr=r["top1_std"], fmt="o", capsize=3, label=r["name"])
+                           (axes[1], "infer_ms_per_image", "inference ms per image (measured)"),
+                           (axes[2], "train_step_ms", "train step ms, forward + backward (measured; trained)")):
+        for i, r in enumerate(rows):
+            if r[key] is not None:
+                ax.errorbar(r[key], r["top1_mean"], yerr=r["top1_std"], fmt=markers[i % len(markers)], capsize=3,
+                            color=colours[i % len(colours)], label=r["name"])
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("zero-shot top-1 (%), mean ± std over seeds")
