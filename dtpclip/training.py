@@ -316,7 +316,8 @@ def contrastive_step(model, loss_fn, images, texts, cfg: TrainConfig, accelerato
     """
     with_tokens = teacher is not None and hasattr(accelerator.unwrap_model(model).clip.visual.trunk,
                                                   "token_distill_loss")
-    teacher_logits, teacher_tokens = teacher_view(teacher, images, texts, with_tokens) if teacher else (None, None)
+    teacher_logits, teacher_tokens = (teacher_view(teacher, images, texts, with_tokens) if teacher is not None
+                                      else (None, None))
     image_features, text_features, logit_scale, aux_loss, stats, token_loss = model(images, texts, teacher_tokens)
     terms = {"contrastive_loss": loss_fn(image_features, text_features, logit_scale), "aux_loss": aux_loss}
     total = terms["contrastive_loss"] + cfg.aux_loss_weight * aux_loss
