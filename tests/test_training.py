@@ -165,7 +165,8 @@ def test_a_dynamicvit_student_adds_its_token_distillation_against_the_teachers_t
     from micro_clip import register_micro_clip
     from dtpclip.clip import encode_image
     torch.manual_seed(0)
-    student, teacher = open_clip.create_model(register_micro_clip("dynamic")), open_clip.create_model(micro_vit_clip_name)
+    student = open_clip.create_model(register_micro_clip("dynamic"))
+    teacher = open_clip.create_model(micro_vit_clip_name)
     images, texts = torch.randn(4, 3, 64, 64), torch.randint(1, 49000, (4, 24))
     cfg = TrainConfig(model="micro", teacher="given")
     torch.manual_seed(1)

@@ -94,7 +94,8 @@ class DynamicViT(PlainViT):
         if list(self.pruning_loc) != sorted(set(self.pruning_loc)) or not 0 < self.pruning_loc[0] <= depth - 1 \
                 or self.pruning_loc[-1] > depth - 1:
             raise ValueError(f"pruning_loc must be increasing block indices in [1, {depth - 1}], got {pruning_loc}")
-        self.keep_rate, self.ratio_weight, self.token_distill_weight = float(keep_rate), ratio_weight, token_distill_weight
+        self.keep_rate, self.ratio_weight = float(keep_rate), ratio_weight
+        self.token_distill_weight = token_distill_weight
         self.keep_ratios = [self.keep_rate ** (stage + 1) for stage in range(len(self.pruning_loc))]
         self.score_predictor = nn.ModuleList(PredictorLG(self.embed_dim) for _ in self.pruning_loc)
         for block in self.blocks[self.pruning_loc[0]:]:  # they read a KeepPolicy as their mask in training
@@ -171,11 +172,10 @@ class DynamicViT(PlainViT):
                              f"{tuple(out.tokens.shape)} (a plain ViT teacher of the same patch grid and width, "
                              f"the student in training), got {tuple(teacher_tokens.shape)}")
         prefix = self.num_prefix_tokens
-        kept = out.token_mask[:, prefix:]
-        if not kept.any():
-            return out.tokens.new_zeros(())
-        error = out.tokens[:, prefix:][kept].float() - teacher_tokens[:, prefix:][kept].float()
-        return self.token_distill_weight * error.square().mean()
+        kept = out.token_mask[:, prefix:].float()  # a masked mean, not boolean indexing: no host sync a step
+        squared = (out.tokens[:, prefix:].float() - teacher_tokens[:, prefix:].float()).square().sum(-1)
+        count = kept.sum() * out.tokens.shape[-1]
+        return self.token_distill_weight * (squared * kept).sum() / count.clamp_min(1.0)
 
     @torch.no_grad()
     def token_groups(self, images: torch.Tensor):
