@@ -164,13 +164,18 @@ def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
     cfg.encoder = cfg.encoder or build.checkpoint_encoder(cfg.encoder_checkpoint) or DEMO_ENCODER
     cfg.model_kwargs = build.encoder_kwargs(cfg.encoder_checkpoint, cfg.model_kwargs)
     cfg.run_dir = cfg.run_dir or _default_run_dir(cfg)
+    stage1 = cfg.pretrain_projector if cfg.pretrain_projector and Path(cfg.pretrain_projector).is_dir() else None
+    if cfg.select_feature is None and stage1:
+        cfg.select_feature = build.trained_config(stage1)["select_feature"]
     if cfg.data_path is None:
         demo = ensure_demo_data()
         cfg.data_path, cfg.image_folder = str(demo.llava_json), str(demo.llava_images)
+        cfg.select_feature = cfg.select_feature or "cls_patch"
+    cfg.select_feature = cfg.select_feature or "patch"
     if cfg.image_folder is None:
         cfg.image_folder = str(Path(cfg.data_path).parent)
-    if cfg.lm is None and cfg.pretrain_projector and Path(cfg.pretrain_projector).is_dir():
-        cfg.lm = str(build.trained_lm(cfg.pretrain_projector))  # stage 2 goes on from stage 1's LM and tokenizer
+    if cfg.lm is None and stage1:
+        cfg.lm = str(build.trained_lm(stage1))  # stage 2 goes on from stage 1's LM and tokenizer
     if cfg.lm is None:
         from llava_bridge.demo_lm import ensure_demo_lm
         cfg.lm = str(ensure_demo_lm(llava_json=cfg.data_path))

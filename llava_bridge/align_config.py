@@ -34,7 +34,10 @@ class AlignConfig:
     transforms: list = field(default_factory=list, metadata={
         "help": "training-free transforms of the tower, in order", "transforms": True})
     select_layer: int = field(default=-1, metadata={"help": "-1: encode() output; -k: plain ViT hidden state"})
-    select_feature: str = field(default="patch", metadata={"help": "drop or keep CLS", "choices": SELECT_FEATURES})
+    select_feature: Optional[str] = field(default=None, metadata={
+        "help": "drop or keep CLS; default: stage 1's in stage 2, else cls_patch on the demo data (its tiny towers "
+                "hold the image in the class token they were trained to pool), else patch (LLaVA's)",
+        "choices": SELECT_FEATURES})
     projector: str = field(default="mlp2x_gelu", metadata={"help": "projector kind", "choices": PROJECTORS})
     pretrain_projector: Optional[str] = field(default=None, metadata={
         "help": "finetune: stage-1 output directory (or projector.safetensors, or LLaVA's mm_projector.bin) to start "

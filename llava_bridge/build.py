@@ -143,10 +143,14 @@ def trained_dir(path) -> Path:
     return path
 
 
+def trained_config(path) -> dict:
+    """The llava_config.json of a trained directory (or its run directory)."""
+    return json.loads((trained_dir(path) / CONFIG_FILE).read_text())
+
+
 def trained_lm(path) -> Path:
     """The LM directory a trained directory was trained with (stage 1) or holds (stage 2)."""
-    path = trained_dir(path)
-    return path / json.loads((path / CONFIG_FILE).read_text())["lm"]  # an absolute "lm" wins over `path`
+    return trained_dir(path) / trained_config(path)["lm"]  # an absolute "lm" wins over the directory
 
 
 # LLaVA saves stage 1's projector as mm_projector.bin with the model's key prefix
@@ -161,8 +165,7 @@ def projector_state(path) -> dict:
 
 def load_trained(path, dtype: torch.dtype = torch.float32) -> Tuple[LlavaModel, object, Template, dict]:
     """(model, tokenizer, template, config) of a trained directory (see the module doc)."""
-    path = trained_dir(path)
-    cfg = json.loads((path / CONFIG_FILE).read_text())
+    path, cfg = trained_dir(path), trained_config(path)
     encoder = create_encoder(cfg["encoder"], **cfg.get("model_kwargs", {}))
     restore_structure(encoder, cfg["tower_structure"])  # the tower's own weights are in the directory
     load_checked(encoder, load_file(str(path / VISION_FILE)), path / VISION_FILE)

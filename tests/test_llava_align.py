@@ -146,16 +146,27 @@ def test_a_trained_model_keeps_its_own_tower(small_demo, demo_lm, tmp_path):
     load_trained(final)  # ... and then removed
 
 
-def test_stage2_goes_on_from_stage1s_lm_and_reads_llavas_mm_projector(small_demo, demo_lm, tmp_path):
-    stage1 = train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "s1", max_steps=1)))
+def test_stage2_goes_on_from_stage1s_lm_and_features_and_reads_llavas_mm_projector(small_demo, demo_lm, tmp_path):
+    stage1 = train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "s1", max_steps=1, select_feature="cls_patch")))
     stage2 = {k: v for k, v in flags(small_demo, demo_lm, tmp_path / "s2", stage="finetune",
                                      pretrain_projector=str(stage1)).items() if k != "lm"}
-    assert align.resolve_defaults(AlignConfig(**stage2)).lm == str(demo_lm)
+    resolved = align.resolve_defaults(AlignConfig(**stage2))
+    assert (resolved.lm, resolved.select_feature) == (str(demo_lm), "cls_patch")
     projector = load_file(str(stage1 / "projector.safetensors"))
     torch.save({f"model.mm_projector.{k}": v for k, v in projector.items()}, tmp_path / "mm_projector.bin")
     model, _ = align.build_model(align.resolve_defaults(AlignConfig(**{
         **stage2, "lm": str(demo_lm), "pretrain_projector": str(tmp_path / "mm_projector.bin")})))
     assert all(torch.equal(model.projector.state_dict()[k], v) for k, v in projector.items())
+
+
+def test_the_demo_keeps_the_class_token_and_other_data_drops_it(small_demo, demo_lm, tmp_path, monkeypatch):
+    import dtpclip.demo_data
+    monkeypatch.setattr(dtpclip.demo_data, "ensure_demo_data", lambda: small_demo)
+    given = flags(small_demo, demo_lm, tmp_path / "run")
+    on_demo = {k: v for k, v in given.items() if k not in ("data_path", "image_folder")}
+    assert align.resolve_defaults(AlignConfig(**on_demo)).select_feature == "cls_patch"
+    assert align.resolve_defaults(AlignConfig(**given)).select_feature == "patch"  # LLaVA's
+    assert align.resolve_defaults(AlignConfig(**given, select_feature="cls_patch")).select_feature == "cls_patch"
 
 
 def test_the_demo_lm_is_named_by_its_data_and_never_rebuilt_in_place(small_demo, tmp_path):
