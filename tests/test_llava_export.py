@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from test_llava_model import tiny_lm, varying_dtp
 
@@ -89,17 +90,20 @@ def test_a_merged_quantized_tower_exports_as_remote_code_that_runs_without_dtpcl
     assert counts == [64 - 8 * 4] * 3  # ToMe's r = 8 merges in each of the 4 blocks
 
 
-def test_a_plain_tower_exports_as_stock_llava_that_answers_without_dtpclip(tmp_path, demo_lm, small_demo):
+@pytest.mark.parametrize("select_feature", ["patch", "cls_patch"])  # LLaVA's default, and the demo's
+def test_a_plain_tower_exports_as_stock_llava_that_answers_without_dtpclip(tmp_path, demo_lm, small_demo,
+                                                                           select_feature):
     from conftest import tiny
     from PIL import Image
     from llava_bridge.build import image_transform, load_lm
     from llava_bridge.generate import answer_batch
     lm, tokenizer = load_lm(demo_lm)
     torch.manual_seed(0)
-    tower = VisionTower(tiny("plain_vit_tiny_patch16_64"), select_layer=-2)
+    tower = VisionTower(tiny("plain_vit_tiny_patch16_64"), select_layer=-2, select_feature=select_feature)
     model = LlavaModel(tower, lm, "mlp2x_gelu").eval()
     template = get_template("vicuna_v1")
-    config = {"select_layer": -2, "select_feature": "patch", "projector": "mlp2x_gelu", "image_aspect_ratio": "pad"}
+    config = {"select_layer": -2, "select_feature": select_feature, "projector": "mlp2x_gelu",
+              "image_aspect_ratio": "pad"}
     out, form = export_hf(model, tokenizer, template, config, tmp_path / "stock")
     assert form == "stock" and not any(out.glob("*.py"))
     image = sorted(small_demo.llava_images.rglob("*.jpg"))[0]
@@ -114,7 +118,6 @@ def test_a_plain_tower_exports_as_stock_llava_that_answers_without_dtpclip(tmp_p
 
 
 def test_stock_export_is_refused_for_what_stock_llava_cannot_hold(tmp_path, images):
-    import pytest
     model = LlavaModel(VisionTower(varying_dtp()), tiny_lm(), "mlp2x_gelu").eval()
     config = {"select_layer": -1, "select_feature": "patch", "projector": "mlp2x_gelu"}
     with pytest.raises(ValueError, match="its tower is DTPViT, not a plain ViT"):
