@@ -158,6 +158,10 @@ def token_loss(logits, labels, world: int):
     return total * world / count.clamp_min(1.0), total.detach(), count
 
 
+# a run directory resumes only with these as they were: any of them changes what the projector learns from
+SAME_RUN_KEYS = ("stage", "encoder", "model_kwargs", "data_path", "select_layer", "select_feature", "projector")
+
+
 def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
     from dtpclip.demo_data import ensure_demo_data
     cfg.encoder_checkpoint = build.resolve_encoder_checkpoint(cfg.encoder_checkpoint)
@@ -327,7 +331,7 @@ def _train(cfg: AlignConfig) -> Optional[Path]:
         raise FileExistsError(f"--run-dir {cfg.run_dir!r} already holds a run (checkpoints or metrics.jsonl): "
                               "pass a new --run-dir, or --resume auto to continue it")
     if cfg.resume == "auto":
-        checkpointing.check_same_run(cfg.run_dir, asdict(cfg), ("stage", "encoder", "model_kwargs", "data_path"))
+        checkpointing.check_same_run(cfg.run_dir, asdict(cfg), SAME_RUN_KEYS)
     resumed = checkpointing.load_resume(cfg.resume, cfg.run_dir, rank)
     if resumed is not None:
         resume, state = resumed

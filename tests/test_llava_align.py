@@ -169,6 +169,12 @@ def test_the_demo_keeps_the_class_token_and_other_data_drops_it(small_demo, demo
     assert align.resolve_defaults(AlignConfig(**given, select_feature="cls_patch")).select_feature == "cls_patch"
 
 
+def test_a_run_directory_is_not_resumed_with_other_visual_features(small_demo, demo_lm, tmp_path):
+    train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "run", max_steps=2, save_every=1)))
+    with pytest.raises(FileExistsError, match="select_feature: 'patch' there, 'cls_patch' now"):
+        train(AlignConfig(**flags(small_demo, demo_lm, tmp_path / "run", max_steps=3, select_feature="cls_patch")))
+
+
 def test_the_demo_lm_is_named_by_its_data_and_never_rebuilt_in_place(small_demo, tmp_path):
     from llava_bridge.demo_lm import ensure_demo_lm
     fewer = tmp_path / "fewer.json"
