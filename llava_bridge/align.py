@@ -162,6 +162,14 @@ def token_loss(logits, labels, world: int):
 SAME_RUN_KEYS = ("stage", "encoder", "model_kwargs", "data_path", "select_layer", "select_feature", "projector")
 
 
+def default_select_feature(stage1: Optional[str], on_demo: bool) -> str:
+    """Stage 1's in stage 2; on the demo data cls_patch, as its tiny towers pool the image into the class token;
+    else LLaVA's patch."""
+    if stage1:
+        return build.trained_config(stage1)["select_feature"]
+    return "cls_patch" if on_demo else "patch"
+
+
 def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
     from dtpclip.demo_data import ensure_demo_data
     cfg.encoder_checkpoint = build.resolve_encoder_checkpoint(cfg.encoder_checkpoint)
@@ -169,13 +177,10 @@ def resolve_defaults(cfg: AlignConfig) -> AlignConfig:
     cfg.model_kwargs = build.encoder_kwargs(cfg.encoder_checkpoint, cfg.model_kwargs)
     cfg.run_dir = cfg.run_dir or _default_run_dir(cfg)
     stage1 = cfg.pretrain_projector if cfg.pretrain_projector and Path(cfg.pretrain_projector).is_dir() else None
-    if cfg.select_feature is None and stage1:
-        cfg.select_feature = build.trained_config(stage1)["select_feature"]
+    cfg.select_feature = cfg.select_feature or default_select_feature(stage1, on_demo=cfg.data_path is None)
     if cfg.data_path is None:
         demo = ensure_demo_data()
         cfg.data_path, cfg.image_folder = str(demo.llava_json), str(demo.llava_images)
-        cfg.select_feature = cfg.select_feature or "cls_patch"
-    cfg.select_feature = cfg.select_feature or "patch"
     if cfg.image_folder is None:
         cfg.image_folder = str(Path(cfg.data_path).parent)
     if cfg.lm is None and stage1:

@@ -150,7 +150,8 @@ def trained_config(path) -> dict:
 
 def trained_lm(path) -> Path:
     """The LM directory a trained directory was trained with (stage 1) or holds (stage 2)."""
-    return trained_dir(path) / trained_config(path)["lm"]  # an absolute "lm" wins over the directory
+    path = trained_dir(path)
+    return path / trained_config(path)["lm"]  # an absolute "lm" wins over `path`
 
 
 # LLaVA saves stage 1's projector as mm_projector.bin with the model's key prefix
